@@ -1,0 +1,159 @@
+"""Instruction-aware tokenization: the one code path every stage (trainer, export checks, runtime) uses.
+
+It implements the rules of ``InstructorEmbedding==1.0.1`` (see README "Compatibility"): the text is stripped,
+joined to the instruction with no separator, tokenized with the checkpoint's ``tokenizer.json`` (special tokens
+appended by its post-processor), truncated at ``max_seq_length``; the instruction's own token count, taken on
+``instruction.strip()`` without its final special token, says how many leading tokens the pooling leaves out,
+with the rule ``n <= 1 -> 0``. ``strip=False`` gives the training-time variant (upstream trained on ``I + x``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+# Bumped whenever the rules above change; engine manifests record it so a runtime can refuse a mismatch.
+INSTRUCTION_RULES_VERSION = "instructor-1.0.1"
+
+InputItem = Any  # str | [instruction, text] | [instruction, text, k]
+
+
+def parse_input(item: InputItem, index: int = 0) -> tuple[str | None, str]:
+    """Split one ``INSTRUCTOR.encode`` input into (instruction or None, text); a clear error names the row."""
+    if isinstance(item, str):
+        return None, item
+    if isinstance(item, (list, tuple)) and len(item) in (2, 3):
+        instruction, text = item[0], item[1]
+        if not isinstance(instruction, str):
+            raise TypeError(f"input {index}: the instruction (element 0) must be a str, got {type(instruction).__name__}")
+        if not isinstance(text, str):
+            raise TypeError(f"input {index}: the text (element 1) must be a str, got {type(text).__name__}")
+        return instruction, text
+    if isinstance(item, (list, tuple)):
+        raise ValueError(
+            f"input {index}: expected [instruction, text] or [instruction, text, k], got a list of {len(item)} elements"
+        )
+    raise TypeError(f"input {index}: expected a str or an [instruction, text] list, got {type(item).__name__}")
+
+
+@dataclass
+class Encoded:
+    """Unpadded token ids of a list of inputs, with the per-row count of leading tokens left out of pooling."""
+
+    ids: list[list[int]]
+    instruction_count: np.ndarray  # int64 [n]
+    truncated: np.ndarray  # bool [n]: the joined text was cut at max_seq_length
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(r) for r in self.ids), dtype=np.int64, count=len(self.ids))
+
+
+class InstructionTokenizer:
+    """Tokenizes ``INSTRUCTOR.encode`` inputs with a checkpoint's ``tokenizer.json`` (Rust ``tokenizers``)."""
+
+    def __init__(
+        self,
+        tokenizer_file: str | Path,
+        max_seq_length: int = 512,
+        do_lower_case: bool = False,
+        strip: bool = True,
+    ) -> None:
+        path = Path(tokenizer_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: tokenizer file not found (a checkpoint needs a tokenizer.json)")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust error says what is wrong with the JSON
+            raise ValueError(f"{path}: not a valid tokenizers JSON file ({exc})") from exc
+        self.path = path
+        self.max_seq_length = int(max_seq_length)
+        self.do_lower_case = bool(do_lower_case)
+        self.strip = bool(strip)
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_length=self.max_seq_length)
+        self.pad_token_id = _pad_token_id(self._tok, path)
+        self._special_suffix = self._tok.post_processor is not None
+        self._count_cache: dict[str, int] = {}
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | Path, strip: bool = True) -> "InstructionTokenizer":
+        """Build from a sentence-transformers folder: ``tokenizer.json`` + ``sentence_bert_config.json``."""
+        folder = Path(folder)
+        cfg_path = folder / "sentence_bert_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        return cls(
+            folder / "tokenizer.json",
+            max_seq_length=int(cfg.get("max_seq_length") or 512),
+            do_lower_case=bool(cfg.get("do_lower_case", False)),
+            strip=strip,
+        )
+
+    def with_strip(self, strip: bool) -> "InstructionTokenizer":
+        """The same tokenizer with the inference (strip) or training (no strip) rule."""
+        return InstructionTokenizer(self.path, self.max_seq_length, self.do_lower_case, strip)
+
+    def _prepare(self, text: str) -> str:
+        return text.lower() if self.do_lower_case else text
+
+    def joined_text(self, instruction: str | None, text: str) -> str:
+        """The string the encoder sees for one input, before tokenization."""
+        if instruction is None:
+            return self._prepare(text.strip() if self.strip else text)
+        if self.strip:
+            return self._prepare((instruction + text.strip()).strip())
+        return self._prepare(instruction + text)
+
+    def instruction_counts(self, instructions: Iterable[str | None]) -> np.ndarray:
+        """Tokens of each instruction left out of pooling: ``len(tok(I.strip())) - 1``, and 0 where that is <= 1."""
+        instructions = list(instructions)
+        missing = sorted({i for i in instructions if i is not None and i not in self._count_cache})
+        if missing:
+            encs = self._tok.encode_batch([self._prepare(i.strip()) for i in missing], add_special_tokens=True)
+            for instr, enc in zip(missing, encs):
+                n = len(enc.ids) - (1 if self._special_suffix else 0)
+                self._count_cache[instr] = 0 if n <= 1 else n
+        return np.fromiter(
+            (0 if i is None else self._count_cache[i] for i in instructions), dtype=np.int64, count=len(instructions)
+        )
+
+    def encode(self, inputs: Sequence[InputItem]) -> Encoded:
+        """Token ids (unpadded) and instruction counts for a list of inputs, in input order."""
+        parsed = [parse_input(item, i) for i, item in enumerate(inputs)]
+        joined = [self.joined_text(instr, text) for instr, text in parsed]
+        encs = self._tok.encode_batch(joined, add_special_tokens=True)
+        ids = [enc.ids for enc in encs]
+        truncated = np.fromiter((bool(enc.overflowing) for enc in encs), dtype=bool, count=len(encs))
+        counts = self.instruction_counts(instr for instr, _ in parsed)
+        return Encoded(ids=ids, instruction_count=counts, truncated=truncated)
+
+    def pad(self, encoded: Encoded, length: int | None = None) -> dict[str, np.ndarray]:
+        """Right-pad to the longest row (or ``length``): int64 ``input_ids``, ``attention_mask``, ``instruction_count``."""
+        lengths = encoded.lengths
+        width = int(length if length is not None else (lengths.max() if len(lengths) else 0))
+        input_ids = np.full((len(encoded.ids), width), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(encoded.ids), width), dtype=np.int64)
+        for row, ids in enumerate(encoded.ids):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "instruction_count": encoded.instruction_count.astype(np.int64),
+        }
+
+    def __call__(self, inputs: Sequence[InputItem], length: int | None = None) -> dict[str, np.ndarray]:
+        return self.pad(self.encode(inputs), length)
+
+
+def _pad_token_id(tok: Tokenizer, path: Path) -> int:
+    for name in ("<pad>", "[PAD]", "<|padding|>"):
+        token_id = tok.token_to_id(name)
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError(f"{path}: the tokenizer has no padding token (<pad> or [PAD])")

