@@ -1,0 +1,1 @@
+"""Checkpoint -> ONNX / TensorRT engine bundles, each verified against PyTorch."""

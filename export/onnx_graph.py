@@ -1,0 +1,50 @@
+"""Checkpoint -> fp32 ONNX graph with the instruction-masked pooling, Dense and L2 normalization inside it.
+
+The graph is ``InstructorModel.forward`` traced by ``torch.onnx.export`` (TorchScript path, which handles HF T5's
+relative position bias with dynamic sequence length): inputs ``input_ids``, ``attention_mask``,
+``instruction_count`` (int64), output ``sentence_embedding`` float32 ``[batch, dim]``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from runtime.bundle import INPUT_NAMES, OUTPUT_NAME
+from trainer.model import InstructorModel
+
+DEFAULT_OPSET = 17
+
+
+def example_features(model: InstructorModel) -> tuple[torch.Tensor, ...]:
+    """Two rows of different lengths, one with an instruction: enough for the tracer to see every branch."""
+    feats = model.tokenizer(["a short text", ["Represent the sentence for retrieval: ", "a longer text with more tokens"]])
+    return tuple(torch.from_numpy(feats[name]) for name in INPUT_NAMES)
+
+
+def export_onnx(model: InstructorModel, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Write the fp32 graph of ``model`` to ``path`` (dynamic batch and sequence)."""
+    path = Path(path)
+    model = model.eval().to("cpu", torch.float32)
+    dynamic_axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+        "instruction_count": {0: "batch"},
+        OUTPUT_NAME: {0: "batch"},
+    }
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about python ints in HF code; shapes are checked by parity
+        torch.onnx.export(
+            model,
+            example_features(model),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return path
