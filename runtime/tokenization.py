@@ -4,7 +4,8 @@ It implements the rules of ``InstructorEmbedding==1.0.1`` (see README "Compatibi
 joined to the instruction with no separator, tokenized with the checkpoint's ``tokenizer.json`` (special tokens
 appended by its post-processor), truncated at ``max_seq_length``; the instruction's own token count, taken on
 ``instruction.strip()`` without its final special token, says how many leading tokens the pooling leaves out,
-with the rule ``n <= 1 -> 0``. ``strip=False`` gives the training-time variant (upstream trained on ``I + x``).
+with the rule ``n <= 1 -> 0``. ``strip=False`` gives the training-time variant: upstream trained on ``I + x`` with
+no strip and counted the instruction's tokens on ``I`` as written.
 """
 
 from __future__ import annotations
@@ -110,11 +111,16 @@ class InstructionTokenizer:
         return self._prepare(instruction + text)
 
     def instruction_counts(self, instructions: Iterable[str | None]) -> np.ndarray:
-        """Tokens of each instruction left out of pooling: ``len(tok(I.strip())) - 1``, and 0 where that is <= 1."""
+        """Tokens of each instruction left out of pooling: ``len(tok(I.strip())) - 1``, and 0 where that is <= 1.
+
+        The training variant counts on the instruction as written, as upstream ``train.py`` did (for ``"...: "`` one
+        more token, the trailing ``▁``); the golden training loss matches only with that count.
+        """
         instructions = list(instructions)
         missing = sorted({i for i in instructions if i is not None and i not in self._count_cache})
         if missing:
-            encs = self._tok.encode_batch([self._prepare(i.strip()) for i in missing], add_special_tokens=True)
+            texts = [self._prepare(i.strip() if self.strip else i) for i in missing]
+            encs = self._tok.encode_batch(texts, add_special_tokens=True)
             for instr, enc in zip(missing, encs):
                 n = len(enc.ids) - (1 if self._special_suffix else 0)
                 self._count_cache[instr] = 0 if n <= 1 else n
