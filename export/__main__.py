@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from export.build import PRECISIONS, ExportOptions, export_bundle
+from export.build import PRECISIONS, ExportError, ExportOptions, export_bundle
 from export.parity import GATES, GateError
+from export.tensorrt import DEFAULT_TIMING_CACHE, MissingDependency
 from runtime.bundle import EngineError
 from trainer.checkpoint import CheckpointError
 
@@ -16,8 +18,16 @@ Export an INSTRUCTOR (or BERT-family sentence-transformers) checkpoint to an eng
 The engine kind follows the extension of --out: .onnx (ONNX Runtime) or .plan (TensorRT).
 Beside PATH the bundle holds PATH.manifest.json (what the engine is, and the parity measured here)
 and PATH.tokenizer.json; a .plan also keeps PATH.onnx, the graph it was built from.
-Every export is checked against the PyTorch model on a calibration set before it is kept: below the
-gate the command exits 1 and leaves no engine behind.
+Every export is checked against the PyTorch model on a calibration set (golden probes, real sentences,
+and rows of max_seq_length tokens) before it is kept: below the gate the command exits 1 and leaves no
+engine behind. Exit 2: bad checkpoint, unwritable output, or a missing optional dependency.
+
+precisions:
+  fp32  .onnx graph-optimized for ONNX Runtime (kept only if it still passes the fp32 gate); .plan in fp32
+  int8  .onnx for the CPU: dynamic quantization of the encoder's MatMul weights
+  fp16  .onnx (ORT CUDA EP; ORT's CPU EP runs it too) or .plan: MatMuls in fp16, with the residual stream,
+        norms, softmax, FF output (wo) and pooling in fp32
+  bf16  as fp16 with bfloat16 (GPU only: a .onnx needs onnxruntime-gpu to be verified)
 """
 
 
@@ -25,18 +35,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="sentence-transformers folder (hkunlp INSTRUCTOR layout, or e.g. all-MiniLM-L6-v2)")
     p.add_argument("--out", required=True, help="engine path: NAME.onnx or NAME.plan")
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="fp32 (ONNX Runtime graph-optimized), int8 (dynamic MatMul quantization, CPU), "
-        "fp16/bf16 (GPU; residual stream, norms, FF output and pooling kept in fp32). Default: fp32",
-    )
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="see below. Default: fp32")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17). Default: 17")
-    p.add_argument("--min-cos", type=float, help="gate: minimum per-row cosine vs PyTorch (default by precision: %s)" % {k: v.get("min_cos") for k, v in GATES.items() if "min_cos" in v})
+    p.add_argument(
+        "--min-cos",
+        type=float,
+        help="gate: minimum per-row cosine vs PyTorch (default by precision: %s)"
+        % {k: v["min_cos"] for k, v in GATES.items() if "min_cos" in v},
+    )
     p.add_argument("--max-abs", type=float, help="gate: maximum abs diff vs PyTorch (default: 1e-5 for fp32)")
-    p.add_argument("--calib-max-batch", type=int, default=4, help="rows of max_seq_length tokens in the calibration set. Default: 4")
-    p.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer graph optimizer")
+    p.add_argument(
+        "--calib-max-batch",
+        type=int,
+        help="rows of max_seq_length tokens in the calibration set. Default: 4 for .onnx, --max-batch for .plan",
+    )
+    p.add_argument("--no-optimize", action="store_true", help="fp32 .onnx: skip ONNX Runtime's graph optimizers")
+    p.add_argument(
+        "--int8-weights",
+        choices=("auto", "per-channel", "per-tensor"),
+        default="auto",
+        help="int8: weight scale granularity; auto measures both and keeps the better. Default: auto",
+    )
+    p.add_argument(
+        "--reference-device",
+        default="cpu",
+        help="device of the fp32 PyTorch reference for the parity check (e.g. cuda; TF32 stays off). Default: cpu",
+    )
+    trt = p.add_argument_group(".plan (TensorRT) options")
+    trt.add_argument("--max-batch", type=int, default=32, help="largest batch the engine accepts. Default: 32")
+    trt.add_argument("--opt-batch", type=int, help="batch size TensorRT tunes for. Default: max-batch / 2")
+    trt.add_argument("--opt-seq", type=int, help="sequence length TensorRT tunes for. Default: min(128, max_seq_length)")
+    trt.add_argument(
+        "--timing-cache",
+        type=Path,
+        default=DEFAULT_TIMING_CACHE,
+        help=f"persistent TensorRT timing cache (read and updated). Default: {DEFAULT_TIMING_CACHE}",
+    )
     return p.parse_args(argv)
 
 
@@ -51,20 +85,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_abs is not None:
         gate["max_abs"] = args.max_abs
     opts = ExportOptions(
-        precision=args.precision, opset=args.opset, gate=gate, calib_max_batch=args.calib_max_batch, optimize=not args.no_optimize
+        precision=args.precision,
+        opset=args.opset,
+        gate=gate,
+        calib_max_batch=args.calib_max_batch,
+        optimize=not args.no_optimize,
+        per_channel={"auto": None, "per-channel": True, "per-tensor": False}[args.int8_weights],
+        max_batch=args.max_batch,
+        opt_batch=args.opt_batch,
+        opt_seq=args.opt_seq,
+        timing_cache=args.timing_cache,
+        reference_device=args.reference_device,
     )
     try:
         manifest = export_bundle(args.checkpoint, args.out, opts)
     except GateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (CheckpointError, EngineError, FileNotFoundError, PermissionError, ValueError) as exc:
+    except (CheckpointError, EngineError, ExportError, MissingDependency, FileNotFoundError, PermissionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     par = manifest["parity"]
     print(
         f"wrote {args.out} ({manifest['engine']['bytes'] / 2**20:.1f} MiB, {manifest['precision']}, dim {manifest['embedding_dim']}); "
-        f"parity vs PyTorch on {par['rows']} rows: min cos {par['min_cosine']:.6f}, max abs {par['max_abs_diff']:.2e}"
+        f"parity vs PyTorch ({par['runner']}) on {par['rows']} rows: min cos {par['min_cosine']:.6f}, "
+        f"mean cos {par['mean_cosine']:.6f}, max abs {par['max_abs_diff']:.2e}"
     )
     return 0
 

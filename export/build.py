@@ -2,6 +2,14 @@
 
 Everything is written into a temp folder beside the output; only when the parity gate passes are the files moved
 into place (engine and sidecars first, manifest last), so a failed or interrupted export leaves no engine behind.
+Per precision (see ``make_engine``):
+
+- ``fp32`` ``.onnx``: ORT's transformer optimizer, else ORT's offline basic level, else the plain graph: the first
+  that passes the fp32 gate is kept;
+- ``int8`` ``.onnx``: dynamic MatMul quantization (per-channel or per-tensor, whichever measures better), with the
+  FF MatMuls stepped back to fp32 only if the full quantization misses the gate;
+- ``fp16``/``bf16`` ``.onnx``: the fp32 graph with low-precision MatMuls and fp32 islands (``mixed_precision``);
+- ``.plan``: TensorRT built from the fp32 or mixed-precision graph, which the bundle keeps as ``PATH.onnx``.
 """
 
 from __future__ import annotations
@@ -15,19 +23,28 @@ from typing import Any, Callable
 
 import numpy as np
 
-from export.manifest import build_manifest
-from export.onnx_graph import DEFAULT_OPSET, export_onnx
+from export import mixed_precision, optimize
+from export.manifest import build_manifest, io_spec
+from export.onnx_graph import DEFAULT_OPSET, export_onnx, ff_width
 from export.parity import GATES, GateError, calibration_inputs, check_gate, compare, run_batches
+from export.quantize import exclusion_steps, quantize_int8
+from export.tensorrt import DEFAULT_TIMING_CACHE, MissingDependency, Profile
 from runtime.bundle import (
     atomic_write_text,
     engine_kind,
     manifest_path,
+    sha256_file,
     source_onnx_path,
     tokenizer_path,
 )
 from trainer.model import InstructorModel
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+class ExportError(RuntimeError):
+    """The export cannot proceed as asked (e.g. the output folder is not writable); the message says why."""
 
 
 @dataclass
@@ -35,29 +52,166 @@ class ExportOptions:
     precision: str = "fp32"
     opset: int = DEFAULT_OPSET
     gate: dict[str, float] = field(default_factory=dict)  # overrides of GATES[precision]
-    calib_max_batch: int = 4
+    calib_max_batch: int | None = None  # rows of max_seq_length tokens: 4 for .onnx, max_batch for .plan
     calib_batch_size: int = 16
     optimize: bool = True
+    per_channel: bool | None = None  # int8: None measures both and keeps the better
+    max_batch: int = 32  # .plan profile
+    opt_batch: int | None = None  # .plan profile; default max_batch // 2 (at least 1)
+    opt_seq: int | None = None  # .plan profile; default min(128, max_seq_length)
+    timing_cache: Path = DEFAULT_TIMING_CACHE
+    reference_device: str = "cpu"  # where the fp32 PyTorch reference runs ("cuda" for large models on a GPU box)
 
 
-def onnx_runner(path: Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """Run an ONNX file on the CPU for the parity check."""
+def onnx_runner(path: Path, precision: str = "fp32") -> tuple[Runner, str]:
+    """Run an ONNX file for the parity check: on ORT's CUDA EP when there is one, else the CPU (no bf16 there)."""
     import onnxruntime as ort
 
+    provider = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPUExecutionProvider"
+    if precision == "bf16":
+        require_bf16_provider()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return lambda feats: session.run(None, feats)[0]
+    session = ort.InferenceSession(str(path), opts, providers=[provider])
+    return (lambda feats: session.run(None, feats)[0]), f"onnxruntime {ort.__version__} {provider}"
 
 
-def make_engine(model: InstructorModel, workdir: Path, engine_name: str, opts: ExportOptions) -> tuple[Path, dict[str, Any]]:
-    """Write the engine for ``opts.precision`` into ``workdir``; return its path and extra manifest fields."""
-    fp32_path = export_onnx(model, workdir / "fp32.onnx", opts.opset)
-    if opts.precision != "fp32":
-        raise NotImplementedError(f"precision {opts.precision!r} is not available yet")
-    engine = workdir / engine_name
-    fp32_path.rename(engine)
-    return engine, {}
+class Verifier:
+    """The PyTorch reference on the calibration set, computed once; ``check`` measures an engine against it."""
+
+    def __init__(self, model: InstructorModel, precision: str, gate: dict[str, float], long_rows: int, batch_size: int, device: str):
+        self.model = model
+        self.batch_size = batch_size
+        self.inputs = calibration_inputs(model.max_seq_length, long_rows)
+        self.reference = model.encode(self.inputs, batch_size=batch_size, device=device)
+        model.to("cpu")
+        self.reference_name = f"pytorch fp32 ({device})"
+        self.gate = {**GATES[precision], **gate}
+
+    def check(self, runner: Runner, runner_name: str) -> dict[str, Any]:
+        candidate = run_batches(runner, self.model.tokenizer, self.inputs, self.batch_size)
+        parity = compare(self.reference, candidate)
+        failures = check_gate(parity, self.gate)
+        return {
+            **parity.as_dict(),
+            "reference": self.reference_name,
+            "runner": runner_name,
+            "batch_size": self.batch_size,
+            "gate": self.gate,
+            "passed": not failures,
+            "failures": failures,
+        }
+
+
+def _fp32_onnx(model: InstructorModel, base: Path, workdir: Path, opts: ExportOptions, verifier: Verifier):
+    rejected = []
+    if opts.optimize:
+        for label, make in optimize.candidates(model, base, workdir):
+            try:
+                cand = make()
+            except Exception as exc:  # an optimizer that cannot handle the graph is skipped, and said so
+                rejected.append({"candidate": label, "reason": f"failed: {exc}"})
+                continue
+            report = verifier.check(*onnx_runner(cand.path))
+            if report["passed"]:
+                return cand.path, report, {"graph": {**cand.info, "rejected": rejected}}
+            rejected.append({"candidate": label, "reason": "; ".join(report["failures"])})
+    report = verifier.check(*onnx_runner(base))
+    return base, report, {"graph": {"applied": "none", "rejected": rejected}}
+
+
+def _int8_onnx(base: Path, workdir: Path, opts: ExportOptions, verifier: Verifier, ff: int):
+    """Quantize as much as the gate allows: per-channel vs per-tensor measured on all MatMuls, then fp32 FF steps."""
+    measured: list[dict[str, Any]] = []
+    variants = (True, False) if opts.per_channel is None else (opts.per_channel,)
+    best = None
+    for label, keep_fp32 in exclusion_steps(base, ff):
+        for per_channel in variants:
+            path = workdir / f"int8.{label}.{'per_channel' if per_channel else 'per_tensor'}.onnx"
+            info = quantize_int8(base, path, per_channel, keep_fp32)
+            report = verifier.check(*onnx_runner(path))
+            measured.append({"step": label, "per_channel": per_channel, "min_cosine": report["min_cosine"]})
+            if best is None or report["min_cosine"] > best[1]["min_cosine"]:
+                best = (path, report, {**info, "step": label})
+        variants = (best[2]["per_channel"],)  # the better granularity on the full quantization decides the rest
+        if best[1]["passed"]:
+            break
+    path, report, info = best
+    return path, report, {"graph": {**info, "measured": measured}}
+
+
+def make_engine(model: InstructorModel, workdir: Path, out: Path, opts: ExportOptions, verifier: Verifier):
+    """Write the engine for ``opts.precision`` into ``workdir``; return (path, parity report, extra manifest fields)."""
+    base = export_onnx(model, workdir / "fp32.onnx", opts.opset)
+    ff = ff_width(model.auto_model.config)
+    if engine_kind(out) == "tensorrt":
+        from export.tensorrt import build_plan, plan_backend
+
+        if opts.precision == "int8":
+            raise ValueError("int8 engines are ONNX Runtime CPU engines: use --out NAME.onnx")
+        src = workdir / source_onnx_path(out).name
+        info: dict[str, Any] = {"applied": "none"}
+        if opts.precision == "fp32":
+            base.rename(src)
+        else:
+            info = mixed_precision.convert(base, src, opts.precision, ff)
+        engine = workdir / out.name
+        extra = build_plan(src, engine, _profile(model, opts), opts.timing_cache, tf32=opts.precision != "fp32")
+        backend, runner_name = plan_backend(engine, extra["tensorrt"], io_spec(model))
+        try:
+            report = verifier.check(backend.run, runner_name)
+        finally:
+            backend.close()
+        extra.update(graph=info, source_onnx={"file": src.name, "sha256": sha256_file(src)})
+        return engine, report, extra
+    if opts.precision == "fp32":
+        return _fp32_onnx(model, base, workdir, opts, verifier)
+    if opts.precision == "int8":
+        return _int8_onnx(base, workdir, opts, verifier, ff)
+    path = workdir / f"{opts.precision}.onnx"
+    info = mixed_precision.convert(base, path, opts.precision, ff)
+    return path, verifier.check(*onnx_runner(path, opts.precision)), {"graph": info}
+
+
+def _profile(model: InstructorModel, opts: ExportOptions) -> Profile:
+    profile = Profile(
+        max_batch=opts.max_batch,
+        opt_batch=opts.opt_batch or max(1, opts.max_batch // 2),
+        max_seq=model.max_seq_length,
+        opt_seq=opts.opt_seq or min(128, model.max_seq_length),
+    )
+    profile.check()
+    return profile
+
+
+def _check_dependencies(kind: str, precision: str) -> None:
+    """Before the slow part: say what to install if this export cannot be built or verified here."""
+    if kind == "tensorrt":
+        from export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    elif precision == "bf16":
+        require_bf16_provider()
+
+
+def require_bf16_provider() -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise MissingDependency(
+            "bf16 ONNX engines run on ONNX Runtime's CUDA EP and this onnxruntime has only the CPU EP, so the export "
+            "cannot be verified here: install onnxruntime-gpu (pip install 'instructor-stack[gpu]') or export a .plan"
+        )
+
+
+def _check_output(out: Path) -> None:
+    """Fail before the (long) export if the engine could not be written."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise ExportError(f"{out}: cannot write the engine to {out.parent} ({exc.strerror or exc})") from exc
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions | None = None) -> dict[str, Any]:
@@ -67,26 +221,27 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
     kind = engine_kind(out)
     if opts.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {opts.precision!r} (choose from {', '.join(PRECISIONS)})")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_dependencies(kind, opts.precision)
+    _check_output(out)
     model = InstructorModel.from_pretrained(checkpoint)
+    plan = kind == "tensorrt"
+    batch_size = min(opts.calib_batch_size, opts.max_batch) if not plan else opts.max_batch
+    long_rows = opts.calib_max_batch or (opts.max_batch if plan else 4)
+    verifier = Verifier(model, opts.precision, opts.gate, long_rows, batch_size, opts.reference_device)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         workdir = Path(tmp)
-        engine, extra = make_engine(model, workdir, out.name, opts)
-        runner = extra.pop("_runner", None) or onnx_runner(engine)
-        inputs = calibration_inputs(model.max_seq_length, opts.calib_max_batch)
-        reference = model.encode(inputs, batch_size=opts.calib_batch_size)
-        candidate = run_batches(runner, model.tokenizer, inputs, opts.calib_batch_size)
-        parity = compare(reference, candidate)
-        gate = {**GATES[opts.precision], **opts.gate}
-        failures = check_gate(parity, gate)
-        report = {**parity.as_dict(), "reference": "pytorch fp32", "gate": gate, "passed": not failures}
-        if failures:
-            raise GateError(f"{out}: parity gate failed for {opts.precision}: {'; '.join(failures)} (no engine written)")
+        engine, report, extra = make_engine(model, workdir, out, opts, verifier)
+        if not report["passed"]:
+            raise GateError(
+                f"{out}: parity gate failed for {opts.precision}: {'; '.join(report['failures'])} (no engine written)"
+            )
+        if engine.name != out.name:
+            engine = engine.rename(workdir / out.name)
         manifest = build_manifest(model, checkpoint, engine, opts.precision, kind, report, extra)
         shutil.copyfile(model.tokenizer.path, workdir / tokenizer_path(out).name)
         moves = [(engine, out), (workdir / tokenizer_path(out).name, tokenizer_path(out))]
         onnx_src = workdir / source_onnx_path(out).name
-        if kind == "tensorrt" and onnx_src.exists():
+        if plan:
             moves.append((onnx_src, source_onnx_path(out)))
         manifest_path(out).unlink(missing_ok=True)  # an old manifest must never describe a new engine
         for src, dst in moves:

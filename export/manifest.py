@@ -33,6 +33,18 @@ def tool_versions(*names: str) -> dict[str, str]:
     return versions
 
 
+def io_spec(model: InstructorModel) -> dict[str, Any]:
+    """The engine's input and output names, dtypes and shapes (the same for every precision)."""
+    return {
+        "inputs": [
+            {"name": INPUT_NAMES[0], "dtype": "int64", "shape": ["batch", "sequence"]},
+            {"name": INPUT_NAMES[1], "dtype": "int64", "shape": ["batch", "sequence"]},
+            {"name": INPUT_NAMES[2], "dtype": "int64", "shape": ["batch"]},
+        ],
+        "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", model.embedding_dim]}],
+    }
+
+
 def build_manifest(
     model: InstructorModel,
     checkpoint: str | Path,
@@ -57,14 +69,9 @@ def build_manifest(
         "normalize": model.normalize,
         "instruction_rules": INSTRUCTION_RULES_VERSION,
         "tokenizer": {"file": tokenizer_path(engine).name, "sha256": sha256_file(model.tokenizer.path)},
-        "inputs": [
-            {"name": INPUT_NAMES[0], "dtype": "int64", "shape": ["batch", "sequence"]},
-            {"name": INPUT_NAMES[1], "dtype": "int64", "shape": ["batch", "sequence"]},
-            {"name": INPUT_NAMES[2], "dtype": "int64", "shape": ["batch"]},
-        ],
-        "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", model.embedding_dim]}],
+        **io_spec(model),
         "exporter": tool_versions(
-            "instructor-stack", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"
+            "instructor-stack", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu13", "tensorrt-cu12"
         ),
         "parity": parity,
     }

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
+import onnx
 import torch
 
 from runtime.bundle import INPUT_NAMES, OUTPUT_NAME
@@ -48,3 +50,22 @@ def export_onnx(model: InstructorModel, path: str | Path, opset: int = DEFAULT_O
             dynamo=False,
         )
     return path
+
+
+# The traced graph names nodes by module scope: the encoder's nodes sit under this prefix, the head's do not.
+ENCODER_SCOPE = "/auto_model/"
+
+
+def ff_width(config: Any) -> int:
+    """The FF inner width (T5 ``d_ff``, BERT ``intermediate_size``), which identifies the FF MatMuls by weight shape."""
+    return int(getattr(config, "d_ff", None) or config.intermediate_size)
+
+
+def encoder_matmuls(graph: onnx.GraphProto) -> dict[str, tuple[int, ...] | None]:
+    """Encoder MatMul node name -> shape of its weight initializer ``[in, out]`` (None for activation x activation)."""
+    inits = {i.name: tuple(i.dims) for i in graph.initializer}
+    return {
+        n.name: inits.get(n.input[1])
+        for n in graph.node
+        if n.op_type == "MatMul" and n.name.startswith(ENCODER_SCOPE)
+    }

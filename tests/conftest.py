@@ -55,3 +55,14 @@ def tiny_copy(tmp_path) -> Path:
     dst = tmp_path / "tiny"
     shutil.copytree(TINY, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory) -> Path:
+    """The tiny fixture exported once per session to an fp32 ONNX bundle (shared by runtime, Ray and bench tests)."""
+    from export.build import export_bundle
+
+    engine = tmp_path_factory.getbasetemp() / "tiny-engine" / "tiny.onnx"
+    if not Path(f"{engine}.manifest.json").is_file():
+        export_bundle(TINY, engine)
+    return engine

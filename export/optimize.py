@@ -1,0 +1,85 @@
+"""fp32 graph optimization for ONNX Runtime, kept only where it keeps the result.
+
+Candidates, best first: ONNX Runtime's transformer optimizer (``onnxruntime.transformers.optimizer``, python fusions
+only, ``opt_level=0``, so the saved graph holds portable ONNX + ``com.microsoft`` ops and no CPU-specific layouts),
+then ORT's offline ``ORT_ENABLE_BASIC`` level (constant folding and redundant-node elimination, hardware-agnostic).
+``export.build`` checks each against PyTorch and keeps the first that passes the fp32 gate; the manifest records
+which one was applied and why the others were not.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from trainer.model import InstructorModel
+
+# onnxruntime.transformers model types: T5's attention (relative position bias) is not fused by the T5 path on CPU,
+# only its RMSNorm (+ residual Add); BERT-family encoders get Attention, SkipLayerNormalization and Gelu fusions.
+OPTIMIZER_MODEL_TYPES = {"t5": "t5", "mt5": "t5", "bert": "bert", "roberta": "bert", "xlm-roberta": "bert"}
+
+
+@dataclass
+class GraphCandidate:
+    """One optimized graph to try, with what the manifest should say about it."""
+
+    path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def transformer_optimized(model: InstructorModel, src: Path, dst: Path) -> GraphCandidate:
+    """``onnxruntime.transformers.optimizer.optimize_model`` with the encoder's heads and hidden size."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    cfg = model.auto_model.config
+    model_type = OPTIMIZER_MODEL_TYPES[model.architecture]
+    heads = int(getattr(cfg, "num_heads", None) or cfg.num_attention_heads)
+    optimized = optimize_model(
+        str(src), model_type=model_type, num_heads=heads, hidden_size=model.hidden_size, opt_level=0, use_gpu=False
+    )
+    optimized.save_model_to_file(str(dst))
+    before, after = op_counts(src), op_counts(dst)
+    fused = {op: n for op, n in after.items() if op not in before}
+    info = {
+        "applied": "onnxruntime.transformers.optimizer",
+        "model_type": model_type,
+        "opt_level": 0,
+        "fused_ops": fused,
+        "nodes": {"before": sum(before.values()), "after": sum(after.values())},
+    }
+    return GraphCandidate(dst, info)
+
+
+def ort_offline_optimized(src: Path, dst: Path) -> GraphCandidate:
+    """ORT's own offline optimization at the hardware-agnostic ``ORT_ENABLE_BASIC`` level."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+    before, after = op_counts(src), op_counts(dst)
+    info = {
+        "applied": "onnxruntime offline graph optimization",
+        "level": "ORT_ENABLE_BASIC",
+        "nodes": {"before": sum(before.values()), "after": sum(after.values())},
+    }
+    return GraphCandidate(dst, info)
+
+
+def candidates(model: InstructorModel, src: Path, workdir: Path) -> list[tuple[str, Any]]:
+    """(label, thunk) pairs, best first; each thunk writes its graph and returns a ``GraphCandidate``."""
+    return [
+        ("transformer_optimizer", lambda: transformer_optimized(model, src, workdir / "fp32.opt.onnx")),
+        ("ort_basic", lambda: ort_offline_optimized(src, workdir / "fp32.basic.onnx")),
+    ]

@@ -1,0 +1,163 @@
+"""TensorRT backend (TensorRT 10 API): a deserialized ``.plan``, CUDA buffers from cuda-python, no torch.
+
+A ``.plan`` only runs on the GPU architecture and the TensorRT version it was built with. The manifest records
+both (``tensorrt.version``, ``tensorrt.compute_capability``); a mismatch is refused with ``EngineError`` before
+TensorRT is asked to deserialize, and the message says to rebuild from the bundle's ``PATH.onnx``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from runtime.bundle import INPUT_NAMES, OUTPUT_NAME, EngineError, Manifest, source_onnx_path
+
+INSTALL_HINT = "pip install 'instructor-stack[gpu]' (tensorrt, cuda-python)"
+
+
+def _cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            return None
+    return cudart
+
+
+def _check(result: Any, what: str) -> Any:
+    """cuda-python returns ``(err, *values)``; raise on an error, return the value(s)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA {what} failed: {err}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def build_target(manifest: Manifest) -> tuple[str, str]:
+    """(TensorRT version, compute capability "major.minor") the ``.plan`` was built for, from the manifest."""
+    info = manifest.data.get("tensorrt")
+    if not isinstance(info, dict) or "version" not in info or "compute_capability" not in info:
+        raise EngineError(
+            f"{manifest.engine}: the manifest lacks tensorrt.version / tensorrt.compute_capability "
+            "(re-export the .plan with `python -m export`)"
+        )
+    cc = info["compute_capability"]
+    if isinstance(cc, (list, tuple)):
+        cc = ".".join(str(int(x)) for x in cc)
+    return str(info["version"]), str(cc)
+
+
+class PlanTargetMismatch(EngineError):
+    """A ``.plan`` built for another GPU architecture or TensorRT version (rebuildable from the bundle's ONNX)."""
+
+
+def check_build_target(manifest: Manifest, trt_version: str, compute_capability: str) -> None:
+    """Refuse a ``.plan`` built for another TensorRT or another GPU architecture."""
+    want_version, want_cc = build_target(manifest)
+    rebuild = f"rebuild it here: python -m export CHECKPOINT --out {manifest.engine} (its graph is in {source_onnx_path(manifest.engine)})"
+    if want_version != trt_version:
+        raise PlanTargetMismatch(f"{manifest.engine}: built with TensorRT {want_version}, this is TensorRT {trt_version}; {rebuild}")
+    if want_cc != compute_capability:
+        raise PlanTargetMismatch(
+            f"{manifest.engine}: built for compute capability {want_cc}, this GPU is {compute_capability}; {rebuild}"
+        )
+
+
+class _DeviceBuffer:
+    """A CUDA allocation that grows when a larger batch arrives (never shrinks)."""
+
+    def __init__(self, cudart: Any) -> None:
+        self.cudart = cudart
+        self.ptr = 0
+        self.nbytes = 0
+
+    def ensure(self, nbytes: int) -> int:
+        if nbytes > self.nbytes:
+            self.free()
+            self.ptr = int(_check(self.cudart.cudaMalloc(nbytes), "cudaMalloc"))
+            self.nbytes = nbytes
+        return self.ptr
+
+    def free(self) -> None:
+        if self.ptr:
+            _check(self.cudart.cudaFree(self.ptr), "cudaFree")
+            self.ptr, self.nbytes = 0, 0
+
+
+class TensorRTBackend:
+    """Runs a TensorRT 10 engine with dynamic batch and sequence (one optimization profile)."""
+
+    def __init__(self, manifest: Manifest, device: str | None = None) -> None:
+        try:
+            import tensorrt as trt
+        except ImportError as exc:
+            raise EngineError(f"{manifest.engine}: TensorRT is not installed ({INSTALL_HINT})") from exc
+        cudart = _cudart()
+        if cudart is None:
+            raise EngineError(f"{manifest.engine}: cuda-python is not installed ({INSTALL_HINT})")
+        self.cudart = cudart
+        self.device_id = int(device.split(":", 1)[1]) if device and ":" in device else 0
+        from runtime.backends.tensorrt_build import current_device
+
+        try:
+            _check(cudart.cudaSetDevice(self.device_id), "cudaSetDevice")
+            target = current_device(self.device_id)
+        except RuntimeError as exc:
+            raise EngineError(f"{manifest.engine}: no usable CUDA GPU {self.device_id} ({exc})") from exc
+        check_build_target(manifest, trt.__version__, target["compute_capability"])
+
+        self.trt = trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(manifest.engine.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"{manifest.engine}: TensorRT could not deserialize the engine (corrupt file?)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        expected = [entry["name"] for entry in manifest.data.get("inputs", [])] or list(INPUT_NAMES)
+        outputs = [entry["name"] for entry in manifest.data.get("outputs", [])] or [OUTPUT_NAME]
+        if sorted(names) != sorted(expected + outputs):
+            raise EngineError(f"{manifest.engine}: engine tensors {names}, the manifest says {expected + outputs}")
+        self.input_names = expected
+        self.output_name = outputs[0]
+        self.dtypes = {name: np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))) for name in names}
+        self.context = self.engine.create_execution_context()
+        # the profile's max batch: the batch planner must not exceed it
+        _, _, max_shape = self.engine.get_tensor_profile_shape(self.input_names[0], 0)
+        self.max_rows = int(max_shape[0])
+        self.stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.buffers = {name: _DeviceBuffer(cudart) for name in names}
+        self.device = "cuda"
+        self.name = f"tensorrt:{trt.__version__}"
+
+    def _copy(self, dst: int, src: int, nbytes: int, kind: Any) -> None:
+        _check(self.cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream), "cudaMemcpyAsync")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        kinds = self.cudart.cudaMemcpyKind
+        hosts = {name: np.ascontiguousarray(feeds[name], dtype=self.dtypes[name]) for name in self.input_names}
+        for name, host in hosts.items():
+            if not self.context.set_input_shape(name, tuple(host.shape)):
+                raise ValueError(f"TensorRT refused shape {host.shape} for {name} (outside the engine's profile)")
+            ptr = self.buffers[name].ensure(max(host.nbytes, 1))
+            self._copy(ptr, host.ctypes.data, host.nbytes, kinds.cudaMemcpyHostToDevice)
+            self.context.set_tensor_address(name, ptr)
+        out = np.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.dtypes[self.output_name])
+        out_ptr = self.buffers[self.output_name].ensure(max(out.nbytes, 1))
+        self.context.set_tensor_address(self.output_name, out_ptr)
+        if not self.context.execute_async_v3(stream_handle=int(self.stream)):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        self._copy(out.ctypes.data, out_ptr, out.nbytes, kinds.cudaMemcpyDeviceToHost)
+        # host arrays must outlive the async copies: synchronize before they go out of scope
+        _check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return out.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        for buf in getattr(self, "buffers", {}).values():
+            buf.free()
+        if getattr(self, "stream", None) is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+        self.context = None
+        self.engine = None

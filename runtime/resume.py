@@ -1,0 +1,129 @@
+"""Crash-safe progress for ``python -m runtime.encode``: finished shards on disk plus a small state file.
+
+Beside ``OUTPUT`` lives the folder ``OUTPUT.parts/``: ``shard-NNNNNN.npz`` (vectors, source line numbers, ids) for
+each finished window of ``shard_rows`` rows, and ``state.json`` (the job's fingerprint and each committed shard's
+counts). A shard file is written to a temp name and renamed, then ``state.json`` is replaced the same way, so a
+``kill -9`` at any moment leaves at worst one shard that is not yet committed; the next run of the same command
+redoes it. Shards are fixed windows of the input, and each window is batched the same way every time, so the
+resumed result is the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from runtime.batching import BatchStats
+from runtime.bundle import atomic_write_text
+
+STATE_FORMAT = "instructor-encode-state/1"
+
+
+class ResumeError(RuntimeError):
+    """The parts folder belongs to another job, or is damaged; the message says what to do."""
+
+
+def parts_dir(output: Path) -> Path:
+    return Path(f"{output}.parts")
+
+
+class ShardStore:
+    """The parts folder of one output: committed shards, in order, with their counts."""
+
+    def __init__(self, output: str | Path, job: dict[str, Any]) -> None:
+        self.output = Path(output)
+        self.dir = parts_dir(self.output)
+        self.state_path = self.dir / "state.json"
+        self.job = job
+        self.shards: list[dict[str, int]] = []
+
+    def open(self, overwrite: bool = False) -> "ShardStore":
+        """Start a new job, or pick up the committed shards of the same job; ``ResumeError`` for another job's."""
+        if overwrite:
+            self.remove()
+        if self.state_path.is_file():
+            try:
+                state = json.loads(self.state_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ResumeError(f"{self.state_path}: unreadable ({exc}); pass --overwrite to start again") from exc
+            if state.get("format") != STATE_FORMAT or state.get("job") != self.job:
+                old = state.get("job") or {}
+                changed = sorted(k for k in set(old) | set(self.job) if old.get(k) != self.job.get(k))
+                raise ResumeError(
+                    f"{self.dir}: unfinished work of a different job (differs in: {', '.join(changed) or 'format'}); "
+                    "run the same command to resume it, or pass --overwrite to start again"
+                )
+            self.shards = list(state["shards"])
+            for index in range(len(self.shards)):
+                if not self.shard_path(index).is_file():
+                    raise ResumeError(f"{self.shard_path(index)}: committed shard missing; pass --overwrite to start again")
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._write_state()
+        return self
+
+    @property
+    def done_rows(self) -> int:
+        return sum(s["rows"] for s in self.shards)
+
+    @property
+    def stats(self) -> BatchStats:
+        total = BatchStats()
+        for shard in self.shards:
+            total = total + BatchStats(**shard)
+        return total
+
+    def shard_path(self, index: int) -> Path:
+        return self.dir / f"shard-{index:06d}.npz"
+
+    def save_shard(self, vectors: np.ndarray, lines: np.ndarray, ids: list[str] | None) -> Path:
+        """Write the next shard's file (not yet committed: ``commit`` records it in the state)."""
+        path = self.shard_path(len(self.shards))
+        arrays = {"vectors": np.ascontiguousarray(vectors, dtype=np.float32), "lines": np.asarray(lines, dtype=np.int64)}
+        if ids is not None:
+            arrays["ids"] = np.asarray(ids, dtype=str)
+        fd, tmp = tempfile.mkstemp(prefix=".shard.", suffix=".npz", dir=self.dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def commit(self, stats: BatchStats) -> None:
+        self.shards.append({k: v for k, v in stats.as_dict().items() if k != "padding_waste"})
+        self._write_state()
+
+    def iter_shards(self) -> Iterator[dict[str, np.ndarray]]:
+        """The committed shards' arrays, in input order."""
+        for index, shard in enumerate(self.shards):
+            path = self.shard_path(index)
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    arrays = {name: data[name] for name in data.files}
+            except (OSError, ValueError) as exc:
+                raise ResumeError(f"{path}: unreadable shard ({exc}); pass --overwrite to start again") from exc
+            if len(arrays["vectors"]) != shard["rows"]:
+                raise ResumeError(f"{path}: {len(arrays['vectors'])} rows, the state says {shard['rows']}; pass --overwrite")
+            yield arrays
+
+    def temp_output(self) -> Path:
+        """Where the final output is assembled before its rename (inside the parts folder, so never left behind)."""
+        return self.dir / f"assembling{self.output.suffix}"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _write_state(self) -> None:
+        state = {"format": STATE_FORMAT, "job": self.job, "shards": self.shards}
+        atomic_write_text(self.state_path, json.dumps(state, indent=1) + "\n")

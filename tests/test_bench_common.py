@@ -1,0 +1,62 @@
+"""The counting parts of the speed benchmarks (no timing is asserted: speed lives in bench/ results)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.common import FALLBACK_CORPUS, FlopModel, flop_model, load_corpus, padded_tokens_sorted, with_instruction
+from bench.latency import percentiles, texts_of_length
+
+
+def test_flop_model_counts_the_tiny_t5_from_its_config(tiny_model):
+    fm = flop_model(tiny_model)
+    d, ff, layers, inner = 64, 128, 2, 4 * 16  # tests/fixtures/instructor-tiny/config.json (relu FF)
+    assert fm.matmul_params == layers * (4 * d * inner + 2 * d * ff)
+    assert (fm.layers, fm.attn_inner, fm.head_params) == (layers, inner, 64 * 32)
+
+
+def test_flops_of_real_tokens():
+    fm = FlopModel(matmul_params=10, layers=2, attn_inner=3, head_params=5)
+    # 2*10*(4+6) + 4*2*3*(16+36) + 2*5*2
+    assert fm.flops(np.array([4, 6])) == 200 + 1248 + 20
+
+
+def test_padded_tokens_of_sorted_batches():
+    lengths = np.array([3, 10, 2, 9, 1])
+    # sorted 10 9 | 3 2 | 1 with batch 2
+    assert padded_tokens_sorted(lengths, 2) == 20 + 6 + 1
+    assert padded_tokens_sorted(lengths, 5) == 50
+
+
+def test_load_corpus_sample_and_fallback(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps({"title": "T", "text": "body"}) + "\n" + json.dumps({"sentence1": "x", "sentence2": "y"}) + "\n")
+    docs, note = load_corpus([f], 3, seed=1)
+    assert len(docs) == 3 and set(docs) <= {"T body", "x", "y"} and "seed 1" in note
+    docs, note = load_corpus([f], 2, seed=1)
+    assert sorted(docs) == sorted(load_corpus([f], 2, seed=1)[0]) and len(set(docs)) == 2
+    docs, note = load_corpus(None, 12)
+    assert docs[:10] == FALLBACK_CORPUS and note == "built-in fallback corpus"
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_corpus([tmp_path / "missing"], 1)
+
+
+@pytest.mark.parametrize("n_tokens", [16, 32, 128])
+def test_latency_texts_have_exact_token_counts(tiny_model, n_tokens):
+    items = texts_of_length(tiny_model.tokenizer, tiny_model.architecture, n_tokens, 4)
+    assert tiny_model.tokenizer.encode(items).lengths.tolist() == [n_tokens] * 4
+    assert len({tuple(i) for i in items}) == 4
+    assert items[0][0] == with_instruction(["x"], "t5")[0][0]
+
+
+def test_latency_texts_refuse_lengths_below_the_instruction(tiny_model):
+    with pytest.raises(ValueError, match="instruction and special tokens take 9"):
+        texts_of_length(tiny_model.tokenizer, tiny_model.architecture, 8, 1)
+
+
+def test_percentiles_in_ms():
+    p = percentiles([0.001] * 98 + [0.010, 0.020])
+    assert p["p50_ms"] == pytest.approx(1.0) and p["calls"] == 100 and p["p99_ms"] > p["p95_ms"]
