@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=256, help="plan profile max batch and encode batch size. Default: 256")
     p.add_argument("--latency-iters", type=int, default=200, help="batch-1 calls per length. Default: 200")
     p.add_argument("--peak-tflops", type=float, help="the card's dense fp16/bf16 peak; default from the table by GPU name")
+    p.add_argument("--checkpoint", type=Path, help="the checkpoint the plans come from (default: made here with bench.shapes)")
     p.add_argument("--plan", action="append", default=[], metavar="PRECISION=PATH", help="reuse a plan built earlier (e.g. by gpu_check.sh's export step) instead of building one; repeatable")
     p.add_argument("--workdir", type=Path, default=Path("results/gpu-work"), help="checkpoints and plans")
     p.add_argument("--seed", type=int, default=0)
@@ -60,7 +61,7 @@ def peak_for(name: str | None) -> float | None:
     return PEAK_TFLOPS[max(hits, key=len)] if hits else None
 
 
-def build_plan(ws: Workspace, shape: str, precision: str, max_batch: int, given: dict[str, Path]) -> Path:
+def build_plan(ws: Workspace, ckpt: Path, shape: str, precision: str, max_batch: int, given: dict[str, Path]) -> Path:
     from export.build import ExportOptions, export_bundle
     from runtime.bundle import manifest_path
 
@@ -68,7 +69,7 @@ def build_plan(ws: Workspace, shape: str, precision: str, max_batch: int, given:
         return given[precision]
     path = ws.root / f"{shape}-{precision}.plan"
     if not manifest_path(path).is_file():
-        export_bundle(ws.checkpoint(shape), path, ExportOptions(precision=precision, max_batch=max_batch, opt_batch=max_batch, calib_max_batch=4))
+        export_bundle(ckpt, path, ExportOptions(precision=precision, max_batch=max_batch, opt_batch=max_batch, calib_max_batch=4))
     return path
 
 
@@ -91,19 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.model import InstructorModel
 
     ws = Workspace(args.workdir, args.seed)
-    reference = InstructorModel.from_pretrained(ws.checkpoint(args.shape))  # CPU: tokenizer and FLOP count only
+    ckpt = args.checkpoint or ws.checkpoint(args.shape)
+    reference = InstructorModel.from_pretrained(ckpt)  # CPU: tokenizer and FLOP count only
     fm = flop_model(reference)
     report: dict[str, Any] = {
         "gpu": name,
         "peak_tflops_dense": peak,
         "shape": args.shape,
+        "checkpoint": str(ckpt),
         "flop_model": fm.as_dict(),
         "environment": environment(),
         "results": [],
     }
     for precision in args.precisions:
         t0 = time.perf_counter()
-        plan = build_plan(ws, args.shape, precision, args.max_batch, given)
+        plan = build_plan(ws, ckpt, args.shape, precision, args.max_batch, given)
         enc = Encoder(plan, device="cuda")
         profile = enc.manifest.data.get("tensorrt", {}).get("profile", {}).get("input_ids", {})
         batch = min(args.max_batch, profile.get("max", [args.max_batch])[0])  # a reused plan may allow fewer rows
