@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU (H100/H200, no internet): installs the GPU extras from .whl/ (see
 # bench/fetch_gpu_wheels.sh), then runs each step as `python -m bench.<module>`, which writes its own JSON under
-# $OUT; the last step merges them into $OUT/gpu_check.json. Steps have time limits so the whole run stays under
-# 8 minutes; add a step by appending a `step NAME SECONDS python3 -m bench.MODULE ...` line.
+# $OUT; the last step merges them into $OUT/gpu_check.json. Step limits (30 + 90 + 240 + 120 s) keep the whole run
+# under 8 minutes; add a step by appending a `step NAME SECONDS python3 -m bench.MODULE ...` line.
 #
 # Usage: OUT=/some/dir bench/gpu_check.sh [--dry-run]   (SHAPES="tiny overflow base large" selects models)
 #   --dry-run: no GPU needed (runs here): the same steps with CPU ONNX exports instead of TensorRT plans.
@@ -55,9 +55,12 @@ fi
 
 # parity gates of fp16/bf16 plans: tiny + overflow fixtures, random-weight base and large shapes
 # shellcheck disable=SC2086  # SHAPES is a word list
-step gpu_parity 330 "$PY" -m bench.gpu_parity --out "$OUT/gpu_parity.json" --workdir "$WORK" --shapes $SHAPES $DRY_RUN
+step gpu_parity 240 "$PY" -m bench.gpu_parity --out "$OUT/gpu_parity.json" --workdir "$WORK" --shapes $SHAPES $DRY_RUN
 
-# (bench steps, e.g. throughput/latency, are appended here)
+# GPU throughput/latency (bench/gpu_steps.py): instructor-large shape, the fp16/bf16 plans gpu_parity built above
+[[ -z "$DRY_RUN" ]] && step gpu_steps 120 "$PY" -m bench.gpu_steps --out "$OUT" --shape large \
+  --checkpoint "$WORK/checkpoints/large" --plan fp16="$WORK/large-fp16.plan" --plan bf16="$WORK/large-bf16.plan" \
+  --tokens 128 512 --docs-tokens 1048576 --repeats 3 --latency-iters 100 --workdir "$WORK/gpu_steps"
 
 "$PY" - "$OUT" <<'PY'
 import json, pathlib, sys

@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instruction", default=None)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="actor counts to measure (default: 1 2)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per worker (default: 1)")
+    p.add_argument("--span-bytes", type=int, default=64 << 20,
+                   help="input bytes per read task (smaller: more parallel blocks on a small corpus; default 64 MiB)")
+    p.add_argument("--rows-per-call", type=int, default=1024, help="rows per actor call (default: 1024)")
     p.add_argument("--repeats", type=int, default=3, help="runs per setting; the median is reported (default: 3)")
     p.add_argument("--out", type=Path, default=Path("results/ray_scaling.json"))
     return p.parse_args(argv)
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = ReaderOptions(text_field=args.text_field, instruction=args.instruction)
     results: dict[str, object] = {"engine": args.engine, "input": str(args.input), "cpus": os.cpu_count(),
+                                  "span_bytes": args.span_bytes, "rows_per_call": args.rows_per_call,
                                   "threads_per_worker": args.threads, "repeats": args.repeats, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         def single() -> dict:
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                 for k in range(args.repeats + 1):
                     start = time.perf_counter()
                     summary = encode_with_ray(args.engine, args.input, Path(tmp) / "ray", opts, num_workers=workers,
-                                              threads=args.threads, overwrite=True, quiet=True)
+                                              threads=args.threads, span_bytes=args.span_bytes, rows_per_call=args.rows_per_call, overwrite=True,
+                                              quiet=True)
                     if k:  # the first run warms the workers' imports
                         times.append(time.perf_counter() - start)
                 secs = _median(times)

@@ -35,6 +35,7 @@ from runtime.tokenization import Encoded, InstructionTokenizer
 
 RAY_INSTALL_HINT = "the --ray path needs Ray Data: pip install 'instructor-stack[dist]'"
 READ_BLOCK_ROWS = 4096
+DEFAULT_ROWS_PER_CALL = 1024  # rows an actor encodes per call: enough to batch well, small enough to balance actors
 SKIPPED_DIR = "_skipped"
 TEST_KILL_ENV = "RUNTIME_RAY_TEST_KILL_ONCE"  # test-only: a marker path; the first actor to see it absent dies
 
@@ -199,6 +200,7 @@ def encode_with_ray(
     dtype: str = "float32",
     threads: int = 1,
     span_bytes: int = 64 << 20,
+    rows_per_call: int = DEFAULT_ROWS_PER_CALL,
     overwrite: bool = False,
     quiet: bool = False,
     build_on_worker: bool = False,
@@ -239,12 +241,12 @@ def encode_with_ray(
     try:
         ds = ray.data.read_datasource(_datasource(input_path, opts, spans, skipped_dir))
         ds = ds.map_batches(
-            _tokenize, batch_format="pyarrow", batch_size=READ_BLOCK_ROWS,
+            _tokenize, batch_format="pyarrow", batch_size=rows_per_call,
             fn_kwargs={"file": str(tokenizer_path(engine)), "max_seq_length": manifest.max_seq_length,
                        "do_lower_case": manifest.do_lower_case},
         )
         ds = ds.map_batches(
-            _EncodeActor, batch_format="pyarrow", batch_size=READ_BLOCK_ROWS,
+            _EncodeActor, batch_format="pyarrow", batch_size=rows_per_call,
             fn_constructor_kwargs={"engine": engine, "device": "cuda" if gpus else "cpu", "batch_size": batch_size,
                                    "max_tokens": max_tokens, "dtype": dtype, "threads": threads,
                                    "build_on_worker": build_on_worker, "kill_marker": os.environ.get(TEST_KILL_ENV)},
