@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,3 +205,10 @@ def timed(fn: Callable[[], Any]) -> float:
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def publish(report: dict[str, Any], out: Path, chart: Callable[[dict[str, Any], Path], None]) -> None:
+    """Write a benchmark's JSON and its PNG beside it, and say where."""
+    write_json(out, report)
+    chart(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)

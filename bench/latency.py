@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench.common import MODELS, Workspace, environment, with_instruction, write_json
+from bench.common import MODELS, Workspace, environment, publish, with_instruction
 
 BATCHES = (1, 8, 32)
 LENGTHS = (32, 128, 512)
@@ -110,11 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"contender": name, "batch": batch, "tokens": n_tokens, **stats})
                 print(f"{name:16s} batch {batch:3d} x {n_tokens:3d} tok: p50 {stats['p50_ms']:8.2f} ms  p95 {stats['p95_ms']:8.2f}  p99 {stats['p99_ms']:8.2f}", file=sys.stderr)
     report = {"model": args.model, "environment": environment(), "iters": args.iters, "warmup": args.warmup, "results": results, "skipped": ws.notes}
-    write_json(args.out, report)
     from bench.plots import latency_chart
 
-    latency_chart(report, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}", file=sys.stderr)
+    publish(report, args.out, latency_chart)
     return 0
 
 

@@ -28,10 +28,10 @@ from bench.common import (
     flop_model,
     load_corpus,
     padded_tokens_sorted,
+    publish,
     sgemm_peak,
     timed,
     with_instruction,
-    write_json,
 )
 
 PRECISIONS = ("fp32", "int8")
@@ -173,11 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
     report["skipped"] = ws.notes
-    write_json(args.out, report)
     from bench.plots import throughput_chart
 
-    throughput_chart(report, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}", file=sys.stderr)
+    publish(report, args.out, throughput_chart)
     return 0
 
 
