@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 from runtime import encode
-from runtime.readers import ReaderOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
 
-    from runtime.ray_encode import encode_with_ray
+    from runtime.job import EncodeJob, RayOptions
 
-    opts = ReaderOptions(text_field=args.text_field, instruction=args.instruction)
     results: dict[str, object] = {"engine": args.engine, "input": str(args.input), "cpus": os.cpu_count(),
                                   "span_bytes": args.span_bytes, "rows_per_call": args.rows_per_call,
                                   "threads_per_worker": args.threads, "repeats": args.repeats, "runs": []}
@@ -76,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
                 times = []
                 for k in range(args.repeats + 1):
                     start = time.perf_counter()
-                    summary = encode_with_ray(args.engine, args.input, Path(tmp) / "ray", opts, num_workers=workers,
-                                              threads=args.threads, span_bytes=args.span_bytes, rows_per_call=args.rows_per_call, overwrite=True,
-                                              quiet=True)
+                    job = EncodeJob(args.engine, args.input, Path(tmp) / "ray", text_field=args.text_field,
+                                    instruction=args.instruction, threads=args.threads, overwrite=True, quiet=True,
+                                    ray=RayOptions(num_workers=workers, span_bytes=args.span_bytes,
+                                                   rows_per_call=args.rows_per_call))
+                    summary = encode.run(job)
                     if k:  # the first run warms the workers' imports
                         times.append(time.perf_counter() - start)
                 secs = _median(times)
-                results["runs"].append({"mode": "ray", "workers": workers, "docs_per_s": summary["rows"] / secs,
+                results["runs"].append({"mode": "ray", "workers": workers, "docs_per_s": summary.rows / secs,
                                         "elapsed_s": secs})
         finally:
             ray.shutdown()

@@ -102,8 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     except GateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (CheckpointError, EngineError, ExportError, MissingDependency, FileNotFoundError, PermissionError, ValueError) as exc:
+    except (CheckpointError, EngineError, ExportError, MissingDependency, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, read-only file system, permissions: no engine was written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; no engine was written", file=sys.stderr)
         return 2
     par = manifest["parity"]
     print(

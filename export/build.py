@@ -29,8 +29,9 @@ from export.onnx_graph import DEFAULT_OPSET, export_onnx, ff_width
 from export.parity import GATES, GateError, calibration_inputs, check_gate, compare, run_batches
 from export.quantize import exclusion_steps, quantize_int8
 from export.tensorrt import DEFAULT_TIMING_CACHE, MissingDependency, Profile
+from runtime.atomic import atomic_write_text
+from runtime.locks import owned_temp_dir
 from runtime.bundle import (
-    atomic_write_text,
     engine_kind,
     manifest_path,
     sha256_file,
@@ -228,8 +229,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
     batch_size = min(opts.calib_batch_size, opts.max_batch) if not plan else opts.max_batch
     long_rows = opts.calib_max_batch or (opts.max_batch if plan else 4)
     verifier = Verifier(model, opts.precision, opts.gate, long_rows, batch_size, opts.reference_device)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        workdir = Path(tmp)
+    with owned_temp_dir(out.parent, f".{out.name}.tmp-") as workdir:  # also removes those of killed earlier runs
         engine, report, extra = make_engine(model, workdir, out, opts, verifier)
         if not report["passed"]:
             raise GateError(

@@ -65,6 +65,9 @@ def build_manifest(
         "hidden_size": model.hidden_size,
         "embedding_dim": model.embedding_dim,
         "max_seq_length": model.max_seq_length,
+        # the engine's table sizes, so that a runtime refuses a tokenizer or length they cannot hold (None: relative positions)
+        "vocab_size": int(model.auto_model.config.vocab_size),
+        "max_position_embeddings": getattr(model.auto_model.config, "max_position_embeddings", None),
         "do_lower_case": model.tokenizer.do_lower_case,
         "normalize": model.normalize,
         "instruction_rules": INSTRUCTION_RULES_VERSION,

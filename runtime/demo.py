@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from runtime import encode
-from runtime.bundle import EngineError, load_manifest
+from runtime.bundle import EngineError, cache_dir, load_manifest
 from runtime.encoder import Encoder
 
 SAMPLE_CORPUS = Path(__file__).parent / "data" / "sample_corpus.jsonl"
 ENGINE_NAME = "all-minilm-l6-v2.onnx"
 DEFAULT_QUERY = "How can I keep my accounts safe if someone steals my password?"
-
-
-def default_workdir() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "instructor-stack"
 
 
 def model_path() -> Path:
@@ -69,7 +63,7 @@ def nearest(encoder: Encoder, vectors: np.ndarray, docs: list[dict], query: str,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=default_workdir(), help="engine cache and outputs (default: %(default)s)")
+    p.add_argument("--workdir", type=Path, default=cache_dir(), help="engine cache and outputs (default: %(default)s)")
     p.add_argument("--query", default=DEFAULT_QUERY, help="query to search the sample corpus with")
     p.add_argument("--top", type=int, default=5, help="documents to show (default: 5)")
     p.add_argument("--rebuild", action="store_true", help="export the engine again even if a cached one loads")

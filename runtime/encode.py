@@ -5,160 +5,183 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from runtime.bundle import EngineError, atomic_write_text
-from runtime.encoder import DEFAULT_MAX_TOKENS, Encoder
-from runtime.readers import InputError, Record, ReaderOptions, Skipped, input_format, read_records
-from runtime.resume import ResumeError, ShardStore, parts_dir
-from runtime.writers import DTYPES, check_output, publish, write_output
+from runtime.atomic import publish
+from runtime.bundle import EngineError
+from runtime.encoder import Encoder
+from runtime.job import DEVICES, ON_ERROR, EncodeJob, RayOptions, RunSummary
+from runtime.locks import ExclusiveLock, LockHeld
+from runtime.readers import InputError, Record, Skipped, input_format, read_records
+from runtime.resume import ResumeError, ShardStore, parts_dir, records_digest
+from runtime.writers import DTYPES, check_output, write_output
 
 EXIT_INPUT = 1  # bad input data (the message names file, line and field)
-EXIT_SETUP = 2  # engine missing/corrupt/mismatched, bad options, output in the way
+EXIT_SETUP = 2  # engine missing/corrupt/mismatched, bad options, output in the way, disk or permission trouble
 
 DESCRIPTION = """\
 Embed a file of documents with an exported engine (.onnx via ONNX Runtime, .plan via TensorRT); no torch.
 
-Input (one document per row): .txt (a document per line), .jsonl (one JSON object per line), .csv/.tsv (with a
-header row), .parquet. Each row's text is --text-field; its instruction is --instruction for every row, or
---instruction-field per row (INSTRUCTOR's [instruction, text] input); without either, rows are plain strings.
+Input (one document per row): .txt (a document per line), .jsonl (one JSON object per line; blank lines are
+skipped), .csv/.tsv (with a header row), .parquet; a UTF-8 byte-order mark is fine. Each row's text is
+--text-field; its instruction is --instruction for every row, or --instruction-field per row (INSTRUCTOR's
+[instruction, text] input); without either, rows are plain strings.
 
 Output: .npy (float32 [rows, dim], or --dtype float16), or .parquet (columns line, id with --id-field, embedding).
-Rows keep the input order. OUTPUT.summary.json records rows, tokens, truncated and skipped rows, docs/s, tokens/s,
-padding waste and the engine manifest's sha256; the same summary is printed.
+Rows keep the input order. OUTPUT.summary.json records rows, tokens, truncated, skipped and blank rows, docs/s,
+tokens/s, padding waste and the engine manifest's sha256; the same summary is printed.
 
-Crash-safe: finished shards of --shard-rows rows are kept in OUTPUT.parts/ with a state file. After an
-interruption (even kill -9) run the same command again: it resumes, and the output is byte-identical to an
-uninterrupted run. The output appears in one rename when complete. --overwrite starts again from scratch.
+Crash-safe: finished shards of --shard-rows rows are kept in OUTPUT.parts/ with a state file and a digest of the
+input rows each shard came from. After an interruption (even kill -9, a full disk) run the same command again:
+it resumes, and the output is byte-identical to an uninterrupted run; an input edited since is refused. The output
+appears in one rename when complete. --overwrite starts again from scratch. One run at a time may write an output
+(OUTPUT.lock); a second one exits 2 naming the first.
 
-Exit codes: 0 done; 1 bad input (file:line: field: why); 2 engine or setup problem.
+The engine file is checked against its manifest's sha256 on its first use (then remembered by path, size, times
+and inode in the cache folder); --no-verify-engine skips that.
+
+Exit codes: 0 done; 1 bad input (file:line: field: why); 2 engine, option, output or system problem.
 """
 
-TEST_HOOK_ENV = "RUNTIME_ENCODE_TEST_HOOK"  # test-only: "kill|pause" "@" point, e.g. "kill@commit:3"
+# Called at named points of a run ("save:3", "commit:3", "publish", "summary"): tests stop the process there.
+PointHook = Callable[[str], None]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    d = EncodeJob  # every default comes from the job's fields
     p = argparse.ArgumentParser(
         prog="python -m runtime.encode", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--engine", required=True, help="engine bundle: NAME.onnx or NAME.plan (from `python -m export`)")
     p.add_argument("--input", required=True, type=Path, help="documents: .txt, .jsonl, .csv, .tsv or .parquet")
     p.add_argument("--output", required=True, type=Path, help="embeddings: .npy or .parquet")
-    p.add_argument("--text-field", default="text", help="field/column holding the text (default: text)")
+    p.add_argument("--text-field", default=d.text_field, help=f"field/column holding the text (default: {d.text_field})")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--instruction", help='one instruction for every row, e.g. "Represent the document for retrieval: "')
     group.add_argument("--instruction-field", help="field/column holding each row's instruction")
     p.add_argument("--id-field", help="field/column with each row's id, kept in a .parquet output's id column")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="output precision (default: float32)")
-    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help=f"output precision (default: {d.dtype})")
+    p.add_argument("--on-error", choices=ON_ERROR, default=d.on_error,
                    help="a bad row stops the run (raise, default) or is left out and listed in the summary (skip)")
-    p.add_argument("--batch-size", type=int, default=64, help="most rows per engine batch (default: 64)")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                   help=f"most padded tokens per batch, rows x longest row (default: {DEFAULT_MAX_TOKENS})")
-    p.add_argument("--max-padding", type=float, default=0.05,
-                   help="close a batch before padding passes this share of it (default: 0.05)")
-    p.add_argument("--shard-rows", type=int, default=4096,
-                   help="rows per shard: the unit of resumption and of length sorting (default: 4096)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"most rows per engine batch (default: {d.batch_size})")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help=f"most padded tokens per batch, rows x longest row (default: {d.max_tokens})")
+    p.add_argument("--max-padding", type=float, default=d.max_padding,
+                   help=f"close a batch before padding passes this share of it (default: {d.max_padding})")
+    p.add_argument("--shard-rows", type=int, default=d.shard_rows,
+                   help=f"rows per shard: the unit of resumption and of length sorting (default: {d.shard_rows})")
+    p.add_argument("--device", choices=DEVICES, default=d.device,
                    help="auto: CUDA when available (always for .plan), else CPU")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0: one per core)")
-    p.add_argument("--verify-engine", action="store_true", help="also check the engine file's sha256 against the manifest")
+    p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime intra-op threads (default 0: one per core)")
+    p.add_argument("--verify-engine", action=argparse.BooleanOptionalAction, default=d.verify_engine,
+                   help="check the engine file's sha256 against the manifest on its first use (default: on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output and discard unfinished work")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no printed summary (still written to file)")
+    r = RayOptions
     ray = p.add_argument_group("Ray (many GPUs or machines; needs pip install 'instructor-stack[dist]')")
     ray.add_argument("--ray", action="store_true",
                      help="run on Ray Data: read, tokenize and encode in parallel; --output is then a folder of parquet "
                           "shards (line, [id], embedding, tokens, truncated), not resumable by shard")
     ray.add_argument("--ray-address", help="an existing cluster (e.g. ray://head:10001 or auto); default: start one here")
-    ray.add_argument("--num-workers", type=int, default=1, help="engine actors, one engine each (default: 1)")
+    ray.add_argument("--num-workers", type=int, default=r.num_workers, help=f"engine actors, one engine each (default: {r.num_workers})")
     ray.add_argument("--gpus-per-worker", type=float, help="GPUs per actor (default: 1 for .plan, 0 for .onnx)")
     ray.add_argument("--build-on-worker", action="store_true",
                      help="an actor whose GPU or TensorRT differs from the .plan's rebuilds it from the bundle's ONNX "
                           "(cached per compute capability and TensorRT version) instead of refusing it")
-    args = p.parse_args(argv)
-    if args.num_workers < 1:
-        p.error("--num-workers must be >= 1")
-    if args.build_on_worker and not args.ray:
+    return p
+
+
+def parse_job(argv: list[str] | None = None) -> EncodeJob:
+    """The command line as an ``EncodeJob``; bad options exit 2 with argparse's usage message."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.build_on_worker and not a.ray:
         p.error("--build-on-worker goes with --ray")
-    for name in ("batch_size", "max_tokens", "shard_rows"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0.0 <= args.max_padding < 1.0:
-        p.error("--max-padding must be in [0, 1)")
-    return args
+    ray = None
+    if a.ray:
+        ray = RayOptions(address=a.ray_address, num_workers=a.num_workers, gpus_per_worker=a.gpus_per_worker,
+                         build_on_worker=a.build_on_worker)
+    job = EncodeJob(
+        engine=a.engine, input=a.input, output=a.output, text_field=a.text_field, instruction=a.instruction,
+        instruction_field=a.instruction_field, id_field=a.id_field, dtype=a.dtype, on_error=a.on_error,
+        batch_size=a.batch_size, max_tokens=a.max_tokens, max_padding=a.max_padding, shard_rows=a.shard_rows,
+        device=a.device, threads=a.threads, verify_engine=a.verify_engine, overwrite=a.overwrite, quiet=a.quiet, ray=ray,
+    )
+    problems = job.problems()
+    if problems:
+        p.error("; ".join(problems))
+    return job
 
 
-class _TestHook:
-    """Lets the tests stop this process at an exact point (``kill@commit:3``, ``pause@commit:2``, ``kill@publish``).
+def resume_fingerprint(job: EncodeJob, encoder: Encoder) -> dict[str, object]:
+    """What must be the same for shards of an earlier run to be reused (anything that changes their bytes).
 
-    ``kill`` sends SIGKILL to this process; ``pause`` prints ``PAUSED <point>`` on stderr and waits to be killed.
-    Unset (always, outside the tests) it does nothing.
+    The input's content is checked window by window while resuming (``ShardStore.check_window``), not here.
     """
-
-    def __init__(self, spec: str | None) -> None:
-        self.action, _, self.point = (spec or "").partition("@")
-
-    def __call__(self, point: str) -> None:
-        if not self.action or point != self.point:
-            return
-        if self.action == "pause":
-            print(f"PAUSED {point}", file=sys.stderr, flush=True)
-            threading.Event().wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def job_fingerprint(args: argparse.Namespace, encoder: Encoder) -> dict[str, Any]:
-    """What must be the same for shards of an earlier run to be reused (anything that changes their bytes)."""
-    stat = args.input.stat()
     return {
-        "input": str(args.input.resolve()),
-        "input_bytes": stat.st_size,
-        "input_mtime_ns": stat.st_mtime_ns,
+        "input": str(job.input.resolve()),
         "engine_manifest_sha256": encoder.manifest.sha256,
         "backend": encoder.backend.name,
-        "threads": args.threads,
-        "text_field": args.text_field,
-        "instruction": args.instruction,
-        "instruction_field": args.instruction_field,
-        "id_field": args.id_field,
-        "on_error": args.on_error,
-        "shard_rows": args.shard_rows,
-        "batch_size": args.batch_size,
-        "max_tokens": args.max_tokens,
-        "max_padding": args.max_padding,
+        "threads": job.threads,
+        "text_field": job.text_field,
+        "instruction": job.instruction,
+        "instruction_field": job.instruction_field,
+        "id_field": job.id_field,
+        "on_error": job.on_error,
+        "shard_rows": job.shard_rows,
+        "batch_size": job.batch_size,
+        "max_tokens": job.max_tokens,
+        "max_padding": job.max_padding,
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Encode ``args.input`` into ``args.output`` (resuming when possible); return the summary."""
-    hook = _TestHook(os.environ.get(TEST_HOOK_ENV))
-    check_output(args.output, args.dtype, args.id_field is not None)
-    input_format(args.input)
-    if not args.input.is_file():
-        raise InputError(args.input, None, None, "input file not found")
-    if args.output.exists() and not args.overwrite and not parts_dir(args.output).is_dir():
-        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+def lock_path(output: Path) -> Path:
+    return Path(f"{output}.lock")
+
+
+def check_paths(job: EncodeJob) -> None:
+    """Refuse, before any work, an input that is not there or an output that would destroy something."""
+    input_format(job.input)
+    if not job.input.is_file():
+        raise InputError(job.input, None, None, "input file not found")
+    out = job.output
+    if out.resolve() == job.input.resolve() or (out.exists() and out.samefile(job.input)):
+        raise ValueError(f"{out}: the output is the input file; choose another output path (--overwrite never replaces the input)")
+    if out.is_dir() and job.ray is None:
+        raise ValueError(f"{out}: is a folder; the output must be a .npy or .parquet file path")
+
+
+def run(job: EncodeJob, on_point: PointHook | None = None) -> RunSummary:
+    """Encode ``job.input`` into ``job.output`` (resuming when possible) under the output's lock; the summary."""
+    check_paths(job)
+    with ExclusiveLock(lock_path(job.output), str(job.output)):
+        if job.ray is not None:
+            from runtime.ray_encode import encode_with_ray
+
+            return encode_with_ray(job)
+        return _run_locked(job, on_point or (lambda point: None))
+
+
+def _run_locked(job: EncodeJob, hook: PointHook) -> RunSummary:
+    check_output(job.output, job.dtype, job.id_field is not None)
+    if job.output.exists() and not job.overwrite and not parts_dir(job.output).is_dir():
+        raise FileExistsError(f"{job.output} exists; pass --overwrite to replace it")
     started = time.perf_counter()
-    device = None if args.device == "auto" else args.device
     encoder = Encoder(
-        args.engine, device=device, max_tokens=args.max_tokens, window=args.shard_rows,
-        max_padding=args.max_padding, verify_engine_hash=args.verify_engine, **_onnx_options(args),
+        job.engine, device=job.engine_device, max_tokens=job.max_tokens, window=job.shard_rows,
+        max_padding=job.max_padding, verify_engine=job.verify_engine, **job.onnx_options,
     )
-    store = ShardStore(args.output, job_fingerprint(args, encoder)).open(overwrite=args.overwrite)
+    store = ShardStore(job.output, resume_fingerprint(job, encoder)).open(overwrite=job.overwrite)
     resumed = store.done_rows
     skipped = Skipped()
-    opts = ReaderOptions(args.text_field, args.instruction, args.instruction_field, args.id_field, args.on_error)
-    records = itertools.islice(read_records(args.input, opts, skipped), resumed, None)
-    bar = tqdm(desc="Encoding", unit="doc", initial=resumed, disable=args.quiet, dynamic_ncols=True, file=sys.stderr)
+    records = _after_done_windows(read_records(job.input, job.reader_options(), skipped), store)
+    bar = tqdm(desc="Encoding", unit="doc", initial=resumed, disable=job.quiet, dynamic_ncols=True, file=sys.stderr)
     session = {"rows": 0, "tokens": 0}  # encoded by this run (a resumed run counts only its own rows)
     loop_start = time.perf_counter()
 
@@ -171,12 +194,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         with bar:
-            for window in encoder.stream(records, args.batch_size, args.max_tokens, Record.as_input, progress):
+            for window in encoder.stream(records, job.batch_size, job.max_tokens, Record.as_input, progress):
                 items: list[Record] = window.items
-                ids = [r.id or "" for r in items] if args.id_field else None
+                ids = [r.id or "" for r in items] if job.id_field else None
                 store.save_shard(window.vectors, np.array([r.line for r in items], dtype=np.int64), ids)
                 hook(f"save:{len(store.shards)}")
-                store.commit(window.stats)
+                store.commit(window.stats, records_digest(items))
                 hook(f"commit:{len(store.shards)}")
     except InputError:
         if not store.shards:  # nothing worth resuming: leave no parts folder in the way of the fixed input
@@ -185,75 +208,81 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loop_s = time.perf_counter() - loop_start
     stats = store.stats
     tmp = store.temp_output()
-    write_output(store.iter_shards(), tmp, stats.rows, encoder.embedding_dim, args.dtype, args.id_field is not None)
+    write_output(store.iter_shards(), tmp, stats.rows, encoder.embedding_dim, job.dtype, job.id_field is not None)
     hook("publish")
-    publish(tmp, args.output)
-    elapsed = time.perf_counter() - started
-    summary = {
-        "output": str(args.output),
-        "input": str(args.input),
-        "rows": stats.rows,
-        "tokens": stats.tokens,
-        "padded_tokens": stats.padded_tokens,
-        "padding_waste": round(stats.padding_waste, 6),
-        "truncated_rows": stats.truncated,
-        "skipped_rows": skipped.count,
-        "skipped_lines": skipped.lines,
-        "skipped_errors": skipped.first_errors,
-        "resumed_rows": resumed,
-        "elapsed_s": round(elapsed, 3),
-        "encode_s": round(loop_s, 3),
-        "docs_per_s": round(session["rows"] / max(loop_s, 1e-9), 2),
-        "tokens_per_s": round(session["tokens"] / max(loop_s, 1e-9), 1),
-        "embedding_dim": encoder.embedding_dim,
-        "dtype": args.dtype,
-        "engine": str(args.engine),
-        "engine_manifest_sha256": encoder.manifest.sha256,
-        "precision": encoder.manifest.precision,
-        "backend": encoder.backend.name,
-    }
-    atomic_write_text(summary_path(args.output), json.dumps(summary, indent=2) + "\n")
+    publish(tmp, job.output)
+    summary = RunSummary(
+        output=str(job.output),
+        input=str(job.input),
+        rows=stats.rows,
+        tokens=stats.tokens,
+        padded_tokens=stats.padded_tokens,
+        padding_waste=round(stats.padding_waste, 6),
+        truncated_rows=stats.truncated,
+        skipped_rows=skipped.count,
+        skipped_lines=skipped.lines,
+        skipped_errors=skipped.first_errors,
+        blank_lines=skipped.blank_lines,
+        resumed_rows=resumed,
+        elapsed_s=round(time.perf_counter() - started, 3),
+        encode_s=round(loop_s, 3),
+        docs_per_s=round(session["rows"] / max(loop_s, 1e-9), 2),
+        tokens_per_s=round(session["tokens"] / max(loop_s, 1e-9), 1),
+        embedding_dim=encoder.embedding_dim,
+        dtype=job.dtype,
+        engine=job.engine,
+        engine_manifest_sha256=encoder.manifest.sha256,
+        precision=encoder.manifest.precision,
+        backend=encoder.backend.name,
+    )
+    summary.write()
     hook("summary")
     store.remove()
     encoder.close()
     return summary
 
 
-def summary_path(output: Path) -> Path:
-    return Path(f"{output}.summary.json")
+def _after_done_windows(records: Iterable[Record], store: ShardStore) -> Iterator[Record]:
+    """The records after the committed shards, once each done window is checked against its shard's digest."""
+    source = iter(records)
+    for index, shard in enumerate(store.shards):
+        window = list(itertools.islice(source, shard["rows"]))
+        if len(window) < shard["rows"]:
+            raise ResumeError(
+                f"{store.job.get('input')}: the input is shorter than when {store.shard_path(index).name} was made; "
+                "pass --overwrite to start again"
+            )
+        store.check_window(index, records_digest(window), window[0].line, window[-1].line)
+    yield from source
 
 
-def _onnx_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"intra_op_threads": args.threads} if args.engine.lower().endswith(".onnx") else {}
-
-
-def run_on_ray(args: argparse.Namespace) -> dict[str, Any]:
-    from runtime.ray_encode import encode_with_ray
-
-    opts = ReaderOptions(args.text_field, args.instruction, args.instruction_field, args.id_field, args.on_error)
-    return encode_with_ray(
-        args.engine, args.input, args.output, opts, num_workers=args.num_workers,
-        gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address, batch_size=args.batch_size,
-        max_tokens=args.max_tokens, dtype=args.dtype, threads=args.threads or 1, overwrite=args.overwrite,
-        quiet=args.quiet, build_on_worker=args.build_on_worker,
+def _system_error(exc: OSError) -> str:
+    """One line for a disk, permission or path problem, and what to do about it."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return (
+        f"{where}{exc.strerror or exc} (errno {exc.errno}); finished shards are kept: "
+        "fix this and run the same command again to resume"
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, on_point: PointHook | None = None) -> int:
+    job = parse_job(argv)
     try:
-        summary = run_on_ray(args) if args.ray else run(args)
+        summary = run(job, on_point)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    except (EngineError, ResumeError, FileExistsError, ValueError) as exc:
+    except (EngineError, ResumeError, LockHeld, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    except OSError as exc:
+        print(f"error: {_system_error(exc)}", file=sys.stderr)
         return EXIT_SETUP
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
-    if not args.quiet:
-        print(json.dumps(summary, indent=2))
+    if not job.quiet:
+        print(json.dumps(summary.as_dict(), indent=2))
     return 0
 
 

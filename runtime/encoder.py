@@ -62,7 +62,8 @@ class Encoder:
     ``max_tokens`` bounds the padded tokens per batch, ``max_padding`` its share of padding, ``window`` the rows
     sorted together (see the module doc and ``runtime.batching``).
     ``onnx_options`` go to ONNX Runtime: ``intra_op_threads``, ``graph_optimization``, ``mem_arena``,
-    ``allow_spinning`` (see ``runtime.backends.onnx.OnnxOptions``).
+    ``allow_spinning`` (see ``runtime.backends.onnx.OnnxOptions``). ``verify_engine`` checks the engine file's
+    sha256 against its manifest (once per file version: see ``runtime.bundle.verify_engine_file``).
     """
 
     def __init__(
@@ -73,14 +74,14 @@ class Encoder:
         window: int = DEFAULT_WINDOW,
         max_padding: float = DEFAULT_MAX_PADDING,
         queue_size: int = 2,
-        verify_engine_hash: bool = False,
+        verify_engine: bool = True,
         **onnx_options: Any,
     ) -> None:
         if max_tokens < 1 or window < 1 or queue_size < 1:
             raise ValueError("max_tokens, window and queue_size must be >= 1")
         if not 0.0 <= max_padding < 1.0:
             raise ValueError(f"max_padding must be in [0, 1), got {max_padding}")
-        self.manifest: Manifest = load_manifest(engine_path, verify_engine_hash=verify_engine_hash)
+        self.manifest: Manifest = load_manifest(engine_path, verify_engine=verify_engine)
         self.tokenizer: InstructionTokenizer = self.manifest.tokenizer()
         self.backend: Backend = open_backend(self.manifest, device, **onnx_options)
         self.max_tokens = int(max_tokens)
@@ -216,12 +217,7 @@ class Encoder:
         batches = []
         padded = 0
         for rows in plan_batches(lengths, max_rows, max_tokens, self.max_padding):
-            sub = Encoded(
-                ids=[encoded.ids[i] for i in rows],
-                instruction_count=encoded.instruction_count[rows],
-                truncated=encoded.truncated[rows],
-            )
-            feeds = self.tokenizer.pad(sub)
+            feeds = self.tokenizer.pad(encoded.take(rows))
             padded += feeds["input_ids"].size
             batches.append((rows, feeds))
         stats = BatchStats(

@@ -20,24 +20,23 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
-import uuid
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from runtime.bundle import EngineError, atomic_write_text, load_manifest, tokenizer_path
-from runtime.readers import InputError, ReaderOptions, Skipped, Span, input_format, plan_spans, read_records
+from runtime.atomic import atomic_write_text
+from runtime.bundle import EngineError, load_manifest, tokenizer_path
+from runtime.job import EncodeJob, RayOptions, RunSummary
+from runtime.locks import owned_temp_dir
+from runtime.readers import MAX_LISTED, InputError, ReaderOptions, Skipped, Span, input_format, plan_spans, read_records
 from runtime.tokenization import Encoded, InstructionTokenizer
 
 RAY_INSTALL_HINT = "the --ray path needs Ray Data: pip install 'instructor-stack[dist]'"
 READ_BLOCK_ROWS = 4096
-DEFAULT_ROWS_PER_CALL = 1024  # rows an actor encodes per call: enough to batch well, small enough to balance actors
-SKIPPED_DIR = "_skipped"
-TEST_KILL_ENV = "RUNTIME_RAY_TEST_KILL_ONCE"  # test-only: a marker path; the first actor to see it absent dies
+SKIPPED_DIR = "skipped"
 
 
 def _ray():
@@ -72,8 +71,9 @@ def _read_span(path: str, opts: ReaderOptions, index: int, span: Span, skipped_d
         if opts.id_field is not None:
             columns["id"] = pa.array([r.id for r in chunk], type=pa.string())
         yield pa.table(columns)
-    if skipped.count:  # a retried task rewrites the same file: counts stay exact
-        report = {"count": skipped.count, "lines": skipped.lines, "errors": skipped.first_errors}
+    if skipped.count or skipped.blank_lines:  # a retried task rewrites the same file: counts stay exact
+        report = {"count": skipped.count, "lines": skipped.lines, "errors": skipped.first_errors,
+                  "blank_lines": skipped.blank_lines}
         atomic_write_text(Path(skipped_dir) / f"span-{index:08d}.json", json.dumps(report))
 
 
@@ -136,16 +136,15 @@ class _EncodeActor:
     """Encode stage: one engine per actor, opened once; rows in, vectors out (same row order)."""
 
     def __init__(self, engine: str, device: str | None, batch_size: int, max_tokens: int, dtype: str,
-                 threads: int, build_on_worker: bool, kill_marker: str | None) -> None:
+                 threads: int, build_on_worker: bool, before_batch: Callable[[], None] | None) -> None:
         self.encoder = open_worker_encoder(engine, device, max_tokens, threads, build_on_worker)
         self.batch_size = batch_size
         self.dtype = np.dtype(dtype)
-        self.kill_marker = kill_marker
+        self.before_batch = before_batch
 
     def __call__(self, batch: Any) -> Any:
-        if self.kill_marker and not os.path.exists(self.kill_marker):
-            Path(self.kill_marker).write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)  # test-only: a worker dying mid-run
+        if self.before_batch is not None:  # a caller's probe, e.g. a test that kills the worker here
+            self.before_batch()
         pa = _pa()
         ids = batch.column("input_ids").to_pylist()
         encoded = Encoded(
@@ -187,75 +186,67 @@ def read_output(folder: str | Path) -> Any:
     return table.sort_by("line")
 
 
-def encode_with_ray(
-    engine: str | Path,
-    input_path: str | Path,
-    output: str | Path,
-    opts: ReaderOptions | None = None,
-    num_workers: int = 1,
-    gpus_per_worker: float | None = None,
-    ray_address: str | None = None,
-    batch_size: int = 64,
-    max_tokens: int = 16384,
-    dtype: str = "float32",
-    threads: int = 1,
-    span_bytes: int = 64 << 20,
-    rows_per_call: int = DEFAULT_ROWS_PER_CALL,
-    overwrite: bool = False,
-    quiet: bool = False,
-    build_on_worker: bool = False,
-) -> dict[str, Any]:
-    """Encode ``input_path`` into the parquet folder ``output`` with ``num_workers`` engine actors; the summary.
+def encode_with_ray(job: EncodeJob, before_batch: Callable[[], None] | None = None) -> RunSummary:
+    """Encode ``job.input`` into the parquet folder ``job.output`` with Ray Data; the summary.
 
-    Without ``ray_address`` a local Ray cluster is started on this machine. ``gpus_per_worker`` defaults to 1 for a
-    ``.plan`` engine and 0 for ``.onnx``.
+    Without ``job.ray.address`` a local Ray cluster is started on this machine. ``before_batch`` runs in the actor
+    before every batch (a probe for tests). The caller holds the output's lock (``runtime.encode.run`` does).
     """
     ray = _ray()
-    opts = opts or ReaderOptions()
-    input_path, output = Path(input_path), Path(output)
-    engine = str(engine)
-    manifest = load_manifest(engine)  # fail fast on the driver, before any cluster work
-    input_format(input_path)
+    opts = job.ray or RayOptions()
+    engine, output = job.engine, job.output
+    manifest = load_manifest(engine, verify_engine=job.verify_engine)  # fail fast on the driver, before any cluster work
+    input_format(job.input)
     if output.suffix.lower() == ".npy":
         raise ValueError(f"{output}: with --ray the output is a folder of parquet shards, not a .npy file")
-    if output.exists():
-        if not overwrite:
-            raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    gpus = (1.0 if manifest.kind == "tensorrt" else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
-    spans = plan_spans(input_path, span_bytes)
-    staging = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    skipped_dir = staging.with_name(staging.name + SKIPPED_DIR)
-    skipped_dir.mkdir(parents=True)
+    if output.exists() and not job.overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    gpus = (1.0 if manifest.kind == "tensorrt" else 0.0) if opts.gpus_per_worker is None else float(opts.gpus_per_worker)
+    spans = plan_spans(job.input, opts.span_bytes)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with owned_temp_dir(output.parent, f".{output.name}.tmp-") as work:
+        staging, skipped_dir = work / "out", work / SKIPPED_DIR
+        skipped_dir.mkdir()
+        elapsed = _run_pipeline(ray, job, opts, manifest, spans, staging, skipped_dir, gpus, before_batch)
+        staging.mkdir(exist_ok=True)  # an input with no rows writes no shard: still an (empty) output folder
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        os.replace(staging, output)
+        summary = _summary(job, skipped_dir, elapsed, manifest, opts.num_workers, gpus)
+    summary.write()
+    return summary
+
+
+def _run_pipeline(ray: Any, job: EncodeJob, opts: RayOptions, manifest: Any, spans: list[Span], staging: Path,
+                  skipped_dir: Path, gpus: float, before_batch: Callable[[], None] | None) -> float:
+    """Read, tokenize, encode and write on Ray Data; the seconds it took. A task's ``InputError`` is re-raised."""
     started_here = False
     if not ray.is_initialized():
-        cpus = None if ray_address else max(os.cpu_count() or 1, num_workers + 1)
-        ray.init(address=ray_address, num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+        cpus = None if opts.address else max(os.cpu_count() or 1, opts.num_workers + 1)
+        ray.init(address=opts.address, num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         started_here = True
-    logging.getLogger("ray.data").setLevel(logging.CRITICAL if quiet else logging.WARNING)  # failures are re-raised
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL if job.quiet else logging.WARNING)  # failures are re-raised
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = not quiet
-    ctx.print_on_execution_start = not quiet
+    ctx.enable_progress_bars = not job.quiet
+    ctx.print_on_execution_start = not job.quiet
     started = time.perf_counter()
     try:
-        ds = ray.data.read_datasource(_datasource(input_path, opts, spans, skipped_dir))
+        ds = ray.data.read_datasource(_datasource(job.input, job.reader_options(), spans, skipped_dir))
         ds = ds.map_batches(
-            _tokenize, batch_format="pyarrow", batch_size=rows_per_call,
-            fn_kwargs={"file": str(tokenizer_path(engine)), "max_seq_length": manifest.max_seq_length,
+            _tokenize, batch_format="pyarrow", batch_size=opts.rows_per_call,
+            fn_kwargs={"file": str(tokenizer_path(job.engine)), "max_seq_length": manifest.max_seq_length,
                        "do_lower_case": manifest.do_lower_case},
         )
         ds = ds.map_batches(
-            _EncodeActor, batch_format="pyarrow", batch_size=rows_per_call,
-            fn_constructor_kwargs={"engine": engine, "device": "cuda" if gpus else "cpu", "batch_size": batch_size,
-                                   "max_tokens": max_tokens, "dtype": dtype, "threads": threads,
-                                   "build_on_worker": build_on_worker, "kill_marker": os.environ.get(TEST_KILL_ENV)},
-            compute=ray.data.ActorPoolStrategy(size=num_workers), num_gpus=gpus, num_cpus=1 if not gpus else 0,
+            _EncodeActor, batch_format="pyarrow", batch_size=opts.rows_per_call,
+            fn_constructor_kwargs={"engine": job.engine, "device": "cuda" if gpus else "cpu", "batch_size": job.batch_size,
+                                   "max_tokens": job.max_tokens, "dtype": job.dtype, "threads": job.threads or 1,
+                                   "build_on_worker": opts.build_on_worker, "before_batch": before_batch},
+            compute=ray.data.ActorPoolStrategy(size=opts.num_workers), num_gpus=gpus, num_cpus=1 if not gpus else 0,
         )  # Ray Data restarts a dead actor and retries its batch (max_restarts=-1, max_task_retries=-1 by default)
         ds.write_parquet(str(staging))
     except Exception as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(skipped_dir, ignore_errors=True)
         cause = _unwrap(exc)
         if cause is not exc:
             raise cause from None
@@ -263,46 +254,43 @@ def encode_with_ray(
     finally:
         if started_here:
             ray.shutdown()
-    elapsed = time.perf_counter() - started
-    staging.mkdir(exist_ok=True)  # an input with no rows writes no shard: still an (empty) output folder
-    os.replace(staging, output)
-    summary = _summary(output, skipped_dir, elapsed, engine, manifest, num_workers, gpus, dtype)
-    shutil.rmtree(skipped_dir, ignore_errors=True)
-    atomic_write_text(Path(f"{output}.summary.json"), json.dumps(summary, indent=2) + "\n")
-    return summary
+    return time.perf_counter() - started
 
 
-def _summary(output: Path, skipped_dir: Path, elapsed: float, engine: str, manifest: Any, workers: int,
-             gpus: float, dtype: str) -> dict[str, Any]:
+def _summary(job: EncodeJob, skipped_dir: Path, elapsed: float, manifest: Any, workers: int, gpus: float) -> RunSummary:
     import pyarrow.parquet as pq
 
     rows = tokens = truncated = 0
-    for shard in sorted(output.glob("*.parquet")):
+    for shard in sorted(job.output.glob("*.parquet")):
         table = pq.read_table(shard, columns=["tokens", "truncated"])
         rows += table.num_rows
         tokens += int(np.asarray(table.column("tokens")).sum())
         truncated += int(np.asarray(table.column("truncated")).sum())
-    skipped: dict[str, Any] = {"count": 0, "lines": [], "errors": []}
+    skipped = Skipped()
     for report in sorted(skipped_dir.glob("span-*.json")):
         part = json.loads(report.read_text())
-        skipped["count"] += part["count"]
-        skipped["lines"] += part["lines"]
-        skipped["errors"] += part["errors"]
-    return {
-        "output": str(output),
-        "rows": rows,
-        "tokens": tokens,
-        "truncated_rows": truncated,
-        "skipped_rows": skipped["count"],
-        "skipped_lines": skipped["lines"][:1000],
-        "skipped_errors": skipped["errors"][:10],
-        "elapsed_s": round(elapsed, 3),
-        "docs_per_s": round(rows / max(elapsed, 1e-9), 2),
-        "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
-        "workers": workers,
-        "gpus_per_worker": gpus,
-        "dtype": dtype,
-        "engine": engine,
-        "engine_manifest_sha256": manifest.sha256,
-        "precision": manifest.precision,
-    }
+        skipped.count += part["count"]
+        skipped.lines += part["lines"]
+        skipped.first_errors += part["errors"]
+        skipped.blank_lines += part["blank_lines"]
+    return RunSummary(
+        output=str(job.output),
+        input=str(job.input),
+        rows=rows,
+        tokens=tokens,
+        truncated_rows=truncated,
+        skipped_rows=skipped.count,
+        skipped_lines=skipped.lines[:MAX_LISTED],
+        skipped_errors=skipped.first_errors[:10],
+        blank_lines=skipped.blank_lines,
+        elapsed_s=round(elapsed, 3),
+        docs_per_s=round(rows / max(elapsed, 1e-9), 2),
+        tokens_per_s=round(tokens / max(elapsed, 1e-9), 1),
+        embedding_dim=manifest.embedding_dim,
+        dtype=job.dtype,
+        engine=job.engine,
+        engine_manifest_sha256=manifest.sha256,
+        precision=manifest.precision,
+        workers=workers,
+        gpus_per_worker=gpus,
+    )

@@ -3,6 +3,11 @@
 Every reader yields ``Record``s one at a time (never the whole file) and reports a bad row as ``InputError``
 naming the file, the line (or parquet row) and the field. With ``on_error="skip"`` the bad row is recorded in
 ``Skipped`` instead and reading goes on. Line numbers start at 1 (a CSV header is line 1).
+
+What writers of such files produce is accepted: a UTF-8 byte-order mark at the start (Excel writes one), and blank
+lines in JSON Lines (skipped and counted, as pandas and jq do). What cannot be embedded is a bad row, never a crash:
+strings with lone surrogates (``"\ud800"`` in JSON), numbers past Python's digit limit, nesting past its
+recursion limit.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from runtime.tokenization import has_lone_surrogate
+
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 MAX_LISTED = 1000  # skipped line numbers kept for the summary (the count is always exact)
+BOM = "\ufeff"
 
 
 class InputError(ValueError):
@@ -48,6 +56,7 @@ class Skipped:
     count: int = 0
     lines: list[int] = field(default_factory=list)
     first_errors: list[str] = field(default_factory=list)
+    blank_lines: int = 0  # blank lines of a JSON Lines file: not rows, not errors, only counted
 
     def add(self, err: InputError) -> None:
         self.count += 1
@@ -96,7 +105,9 @@ def read_records(path: str | Path, opts: ReaderOptions, skipped: Skipped, span: 
     readers = {"txt": _txt_rows, "jsonl": _jsonl_rows, "csv": _csv_rows, "tsv": _csv_rows, "parquet": _parquet_rows}
     rows = readers[fmt](path, opts, span) if fmt != "csv" and fmt != "tsv" else readers[fmt](path, opts)
     for row in rows:
-        if isinstance(row, InputError):
+        if row is None:
+            skipped.blank_lines += 1
+        elif isinstance(row, InputError):
             if opts.on_error == "raise":
                 raise row
             skipped.add(row)
@@ -115,9 +126,11 @@ def _decoded_lines(path: Path, span: Span | None = None) -> Iterator[tuple[int, 
             first = span.first_line
         for number, raw in enumerate(lines, start=first):
             try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
+                text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
                 yield number, InputError(path, number, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
+                continue
+            yield number, text[1:] if number == 1 and text.startswith(BOM) else text
 
 
 def _lines_until(fh, end: int) -> Iterator[bytes]:
@@ -176,6 +189,8 @@ def _field(path: Path, line: int, row: dict[str, Any], name: str, required: bool
     value = row[name]
     if not isinstance(value, str):
         raise InputError(path, line, name, f"expected a string, got {type(value).__name__} {_short(value)}")
+    if has_lone_surrogate(value):
+        raise InputError(path, line, name, "invalid unicode (lone surrogate)")
     return value
 
 
@@ -185,6 +200,8 @@ def _id_field(path: Path, line: int, row: dict[str, Any], name: str) -> str:
     value = row[name]
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InputError(path, line, name, f"expected a string or an integer id, got {type(value).__name__} {_short(value)}")
+    if isinstance(value, str) and has_lone_surrogate(value):
+        raise InputError(path, line, name, "invalid unicode (lone surrogate)")
     return str(value)
 
 
@@ -214,15 +231,30 @@ def _txt_rows(path: Path, opts: ReaderOptions, span: Span | None = None) -> Iter
         yield text if isinstance(text, InputError) else Record(line=line, text=text, instruction=opts.instruction)
 
 
-def _jsonl_rows(path: Path, opts: ReaderOptions, span: Span | None = None) -> Iterator[Record | InputError]:
+def parse_json_line(text: str) -> tuple[Any, str | None]:
+    """``(value, None)``, or ``(None, why)`` for a line that is not JSON Python can hold (shared with the trainer)."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        return None, "JSON nested too deeply"
+    except ValueError as exc:  # an integer of more digits than int() converts: keep the reason, not Python's advice
+        return None, f"unreadable JSON value ({str(exc).split(':')[0]})"
+
+
+def _jsonl_rows(path: Path, opts: ReaderOptions, span: Span | None = None) -> Iterator[Record | InputError | None]:
+    """Records; ``None`` for a blank line (counted by ``read_records``, never an error)."""
     for line, text in _decoded_lines(path, span):
         if isinstance(text, InputError):
             yield text
             continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield InputError(path, line, None, f"malformed JSON ({exc.msg} at column {exc.colno})")
+        if not text.strip():
+            yield None
+            continue
+        row, why = parse_json_line(text)
+        if why is not None:
+            yield InputError(path, line, None, why)
             continue
         if not isinstance(row, dict):
             yield InputError(path, line, None, f"expected a JSON object, got {type(row).__name__}")

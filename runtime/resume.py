@@ -1,47 +1,61 @@
 """Crash-safe progress for ``python -m runtime.encode``: finished shards on disk plus a small state file.
 
 Beside ``OUTPUT`` lives the folder ``OUTPUT.parts/``: ``shard-NNNNNN.npz`` (vectors, source line numbers, ids) for
-each finished window of ``shard_rows`` rows, and ``state.json`` (the job's fingerprint and each committed shard's
-counts). A shard file is written to a temp name and renamed, then ``state.json`` is replaced the same way, so a
-``kill -9`` at any moment leaves at worst one shard that is not yet committed; the next run of the same command
-redoes it. Shards are fixed windows of the input, and each window is batched the same way every time, so the
-resumed result is the same bytes as an uninterrupted run.
+each finished window of ``shard_rows`` rows, and ``state.json`` (the job's settings and, for each committed shard,
+its counts and the digest of the records it was made from). A shard file is written to a temp name and renamed,
+then ``state.json`` is replaced the same way, so a ``kill -9`` at any moment leaves at worst one shard that is not
+yet committed; the next run of the same command redoes it. Shards are fixed windows of the input, and each window
+is batched the same way every time, so the resumed result is the same bytes as an uninterrupted run.
+
+The input is trusted by content, not by size and mtime: a resumed run reads the records of the done windows anyway
+(to reach the first new one) and checks each window's digest against the one saved with its shard, so an input
+edited in place since the interrupted run is refused, not silently mixed into the output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from runtime.atomic import atomic_write_text, atomic_writer
 from runtime.batching import BatchStats
-from runtime.bundle import atomic_write_text
+from runtime.readers import Record
 
-STATE_FORMAT = "instructor-encode-state/1"
+STATE_FORMAT = "instructor-encode-state/2"
+COUNTS = ("rows", "tokens", "padded_tokens", "truncated", "batches")
 
 
 class ResumeError(RuntimeError):
-    """The parts folder belongs to another job, or is damaged; the message says what to do."""
+    """The parts folder belongs to another job, is damaged, or the input changed; the message says what to do."""
 
 
 def parts_dir(output: Path) -> Path:
     return Path(f"{output}.parts")
 
 
+def records_digest(records: Iterable[Record]) -> str:
+    """The content of a window of records (line, text, instruction, id): what its shard's vectors depend on."""
+    digest = hashlib.blake2b(digest_size=16)
+    for r in records:
+        digest.update(json.dumps([r.line, r.text, r.instruction, r.id]).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
 class ShardStore:
-    """The parts folder of one output: committed shards, in order, with their counts."""
+    """The parts folder of one output: committed shards, in order, with their counts and input digests."""
 
     def __init__(self, output: str | Path, job: dict[str, Any]) -> None:
         self.output = Path(output)
         self.dir = parts_dir(self.output)
         self.state_path = self.dir / "state.json"
         self.job = job
-        self.shards: list[dict[str, int]] = []
+        self.shards: list[dict[str, Any]] = []
 
     def open(self, overwrite: bool = False) -> "ShardStore":
         """Start a new job, or pick up the committed shards of the same job; ``ResumeError`` for another job's."""
@@ -52,8 +66,8 @@ class ShardStore:
                 state = json.loads(self.state_path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise ResumeError(f"{self.state_path}: unreadable ({exc}); pass --overwrite to start again") from exc
-            if state.get("format") != STATE_FORMAT or state.get("job") != self.job:
-                old = state.get("job") or {}
+            if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("job") != self.job:
+                old = state.get("job") if isinstance(state, dict) and isinstance(state.get("job"), dict) else {}
                 changed = sorted(k for k in set(old) | set(self.job) if old.get(k) != self.job.get(k))
                 raise ResumeError(
                     f"{self.dir}: unfinished work of a different job (differs in: {', '.join(changed) or 'format'}); "
@@ -76,11 +90,19 @@ class ShardStore:
     def stats(self) -> BatchStats:
         total = BatchStats()
         for shard in self.shards:
-            total = total + BatchStats(**shard)
+            total = total + BatchStats(**{k: shard[k] for k in COUNTS})
         return total
 
     def shard_path(self, index: int) -> Path:
         return self.dir / f"shard-{index:06d}.npz"
+
+    def check_window(self, index: int, digest: str, first_line: int, last_line: int) -> None:
+        """A done window read again must hold the records its shard was made from."""
+        if self.shards[index]["input_digest"] != digest:
+            raise ResumeError(
+                f"{self.job.get('input')}: lines {first_line}-{last_line} changed since the interrupted run made "
+                f"{self.shard_path(index).name}; its shards no longer match the input: pass --overwrite to start again"
+            )
 
     def save_shard(self, vectors: np.ndarray, lines: np.ndarray, ids: list[str] | None) -> Path:
         """Write the next shard's file (not yet committed: ``commit`` records it in the state)."""
@@ -88,20 +110,12 @@ class ShardStore:
         arrays = {"vectors": np.ascontiguousarray(vectors, dtype=np.float32), "lines": np.asarray(lines, dtype=np.int64)}
         if ids is not None:
             arrays["ids"] = np.asarray(ids, dtype=str)
-        fd, tmp = tempfile.mkstemp(prefix=".shard.", suffix=".npz", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(path) as fh:
+            np.savez(fh, **arrays)
         return path
 
-    def commit(self, stats: BatchStats) -> None:
-        self.shards.append({k: v for k, v in stats.as_dict().items() if k != "padding_waste"})
+    def commit(self, stats: BatchStats, input_digest: str) -> None:
+        self.shards.append({**{k: getattr(stats, k) for k in COUNTS}, "input_digest": input_digest})
         self._write_state()
 
     def iter_shards(self) -> Iterator[dict[str, np.ndarray]]:

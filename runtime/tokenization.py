@@ -6,11 +6,16 @@ appended by its post-processor), truncated at ``max_seq_length``; the instructio
 ``instruction.strip()`` without its final special token, says how many leading tokens the pooling leaves out,
 with the rule ``n <= 1 -> 0``. ``strip=False`` gives the training-time variant: upstream trained on ``I + x`` with
 no strip and counted the instruction's tokens on ``I`` as written.
+
+A very long text is not tokenized whole (a 50 MB row would take gigabytes): only a prefix that already holds more
+than ``max_seq_length`` tokens of complete words, so that its first ``max_seq_length`` tokens are those of the
+whole text (see ``InstructionTokenizer.bounded``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -23,10 +28,21 @@ INSTRUCTION_RULES_VERSION = "instructor-1.0.1"
 
 InputItem = Any  # str | [instruction, text] | [instruction, text, k]
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A text longer than max_seq_length x this many characters is cut to a prefix before tokenizing (real text averages
+# 4 to 6 characters a token; the prefix grows when it holds too few tokens).
+PREFIX_CHARS_PER_TOKEN = 32
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """True for a str that is not valid Unicode text (``"\\ud800"`` in JSON gives one); no tokenizer takes it."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
 
 def parse_input(item: InputItem, index: int = 0) -> tuple[str | None, str]:
     """Split one ``INSTRUCTOR.encode`` input into (instruction or None, text); a clear error names the row."""
     if isinstance(item, str):
+        _check_text(item, index, "the text")
         return None, item
     if isinstance(item, (list, tuple)) and len(item) in (2, 3):
         instruction, text = item[0], item[1]
@@ -34,12 +50,19 @@ def parse_input(item: InputItem, index: int = 0) -> tuple[str | None, str]:
             raise TypeError(f"input {index}: the instruction (element 0) must be a str, got {type(instruction).__name__}")
         if not isinstance(text, str):
             raise TypeError(f"input {index}: the text (element 1) must be a str, got {type(text).__name__}")
+        _check_text(instruction, index, "the instruction (element 0)")
+        _check_text(text, index, "the text (element 1)")
         return instruction, text
     if isinstance(item, (list, tuple)):
         raise ValueError(
             f"input {index}: expected [instruction, text] or [instruction, text, k], got a list of {len(item)} elements"
         )
     raise TypeError(f"input {index}: expected a str or an [instruction, text] list, got {type(item).__name__}")
+
+
+def _check_text(text: str, index: int, what: str) -> None:
+    if has_lone_surrogate(text):
+        raise ValueError(f"input {index}: {what} is invalid unicode (lone surrogate)")
 
 
 @dataclass
@@ -53,6 +76,13 @@ class Encoded:
     @property
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(r) for r in self.ids), dtype=np.int64, count=len(self.ids))
+
+    def take(self, rows: Sequence[int] | np.ndarray | slice) -> "Encoded":
+        """The given rows (indices in any order, or a slice), as a new ``Encoded``."""
+        if isinstance(rows, slice):
+            return Encoded(self.ids[rows], self.instruction_count[rows], self.truncated[rows])
+        rows = np.asarray(rows, dtype=np.int64)
+        return Encoded([self.ids[i] for i in rows.tolist()], self.instruction_count[rows], self.truncated[rows])
 
 
 class InstructionTokenizer:
@@ -81,6 +111,7 @@ class InstructionTokenizer:
         self.pad_token_id = _pad_token_id(self._tok, path)
         self._special_suffix = self._tok.post_processor is not None
         self._count_cache: dict[str, int] = {}
+        self._untruncated: Tokenizer | None = None  # made on the first very long text
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, strip: bool = True) -> "InstructionTokenizer":
@@ -94,6 +125,11 @@ class InstructionTokenizer:
             do_lower_case=bool(cfg.get("do_lower_case", False)),
             strip=strip,
         )
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest id this tokenizer can produce (the engine's embedding table must have a row for it)."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values())
 
     def with_strip(self, strip: bool) -> "InstructionTokenizer":
         """The same tokenizer with the inference (strip) or training (no strip) rule."""
@@ -128,10 +164,34 @@ class InstructionTokenizer:
             (0 if i is None else self._count_cache[i] for i in instructions), dtype=np.int64, count=len(instructions)
         )
 
+    def bounded(self, joined: str) -> str:
+        """``joined``, or a prefix of it whose first ``max_seq_length`` tokens are those of the whole string.
+
+        The pre-tokenizer splits text into words (T5: at spaces, BERT: at spaces and punctuation) and the model
+        tokenizes each word on its own, so the tokens of every word that ends before the cut are final; the last
+        two words of the prefix, which the cut or the normalizer's look-ahead may change, are not counted. When the
+        prefix holds more than ``max_seq_length`` final tokens, truncating it gives the whole text's ids and its
+        truncation flag. Otherwise the prefix grows (x4); a text without word breaks is tokenized whole.
+        """
+        cut = self.max_seq_length * PREFIX_CHARS_PER_TOKEN
+        if len(joined) <= cut:
+            return joined
+        if self._untruncated is None:
+            self._untruncated = Tokenizer.from_str(self._tok.to_str())
+            self._untruncated.no_truncation()
+            self._untruncated.no_padding()
+        while cut < len(joined):
+            words = [w for w in self._untruncated.encode(joined[:cut], add_special_tokens=False).word_ids if w is not None]
+            final = sum(1 for w in words if w < words[-1] - 1) if words else 0
+            if final > self.max_seq_length:
+                return joined[:cut]
+            cut *= 4
+        return joined
+
     def encode(self, inputs: Sequence[InputItem]) -> Encoded:
         """Token ids (unpadded) and instruction counts for a list of inputs, in input order."""
         parsed = [parse_input(item, i) for i, item in enumerate(inputs)]
-        joined = [self.joined_text(instr, text) for instr, text in parsed]
+        joined = [self.bounded(self.joined_text(instr, text)) for instr, text in parsed]
         encs = self._tok.encode_batch(joined, add_special_tokens=True)
         ids = [enc.ids for enc in encs]
         truncated = np.fromiter((bool(enc.overflowing) for enc in encs), dtype=bool, count=len(encs))

@@ -2,7 +2,8 @@
 
 ``.npy``: a float32 (or float16) ``[rows, dim]`` array, rows in input order (skipped rows left out; the summary
 lists their line numbers). ``.parquet``: columns ``line`` (int64, the source line or row number), ``id`` (string,
-with ``--id-field``) and ``embedding`` (fixed-size list of float32/float16), one row group per shard.
+with ``--id-field``) and ``embedding`` (fixed-size list of float32/float16), one row group per shard. Both are
+written to a temp name and fsynced; the caller moves them into place with ``runtime.atomic.publish``.
 """
 
 from __future__ import annotations
@@ -47,16 +48,6 @@ def write_output(
         _write_npy(shards, path, rows, dim, np.dtype(dtype))
     else:
         _write_parquet(shards, path, dim, np.dtype(dtype), with_ids)
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Move a finished file into place in one step: readers see the old file or the whole new one."""
-    os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _write_npy(shards: Iterable[dict[str, np.ndarray]], path: Path, rows: int, dim: int, dtype: np.dtype) -> None:

@@ -14,6 +14,15 @@ TINY = FIXTURES / "instructor-tiny"
 GOLDEN = FIXTURES / "golden"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The project's cache (verified engines, TensorRT caches) in a temp folder, never the user's; subprocesses inherit it."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def golden_inputs() -> list:
     return [row["input"] for row in json.loads((GOLDEN / "inputs.json").read_text())]

@@ -31,7 +31,7 @@ STSB = FIXTURES / "stsb-dev-200.jsonl"
 
 def run_bundle(engine: Path, inputs: list, batch_size: int) -> np.ndarray:
     """Encode with an exported bundle alone: its tokenizer sidecar and ONNX Runtime on the CPU."""
-    manifest = load_manifest(engine, verify_engine_hash=True)
+    manifest = load_manifest(engine, verify_engine=True)
     tokenizer = manifest.tokenizer()
     session = ort.InferenceSession(str(engine), providers=["CPUExecutionProvider"])
     out = [session.run(None, tokenizer(inputs[i : i + batch_size]))[0] for i in range(0, len(inputs), batch_size)]
@@ -85,7 +85,7 @@ def test_tiny_fp32_keeps_ort_optimizer_and_t5_relative_attention(tiny_fp32):
 
 
 def test_manifest_is_complete(tiny_fp32):
-    manifest = load_manifest(tiny_fp32, verify_engine_hash=True).data
+    manifest = load_manifest(tiny_fp32, verify_engine=True).data
     assert manifest["engine"] == {
         "kind": "onnx",
         "file": "tiny.onnx",

@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from runtime import encode  # noqa: E402
-from runtime.ray_encode import TEST_KILL_ENV, read_output  # noqa: E402
+from runtime.ray_encode import read_output  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTR = "Represent the document for retrieval: "
@@ -77,17 +77,27 @@ def test_ray_output_equals_single_process_cli(tiny_engine, corpus, single, tmp_p
     assert summary["tokens"] > 0 and summary["docs_per_s"] > 0
 
 
-def test_killed_actor_loses_and_duplicates_nothing(tiny_engine, corpus, single, tmp_path, monkeypatch):
+def test_killed_actor_loses_and_duplicates_nothing(tiny_engine, corpus, single, tmp_path):
+    from runtime.job import EncodeJob, RayOptions
     from runtime.ray_encode import encode_with_ray
-    from runtime.readers import ReaderOptions
 
-    marker = tmp_path / "killed"
-    monkeypatch.setenv(TEST_KILL_ENV, str(marker))
+    marker = str(tmp_path / "killed")
+
+    def kill_first_actor_once() -> None:  # runs inside the actor process
+        import os
+        import signal
+
+        if not os.path.exists(marker):
+            with open(marker, "w") as fh:
+                fh.write(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
     out = tmp_path / "emb"
-    opts = ReaderOptions(instruction_field="q", id_field="id")
-    summary = encode_with_ray(tiny_engine, corpus, out, opts, num_workers=2, span_bytes=4096, quiet=True)
-    assert marker.is_file()  # an actor really died (SIGKILL) during the run
-    assert summary["rows"] == 600
+    job = EncodeJob(tiny_engine, corpus, out, instruction_field="q", id_field="id", quiet=True,
+                    ray=RayOptions(num_workers=2, span_bytes=4096))
+    summary = encode_with_ray(job, before_batch=kill_first_actor_once)
+    assert Path(marker).is_file()  # an actor really died (SIGKILL) during the run
+    assert summary.rows == 600
     _assert_same(out, single)
 
 

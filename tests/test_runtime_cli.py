@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from runtime import encode
 from runtime.encoder import Encoder
+from runtime.job import summary_path
 
 INSTR = "Represent the document for retrieval: "
 DOCS = [
@@ -44,7 +46,7 @@ def jsonl(rows) -> str:
 
 
 def summary_of(out: Path) -> dict:
-    return json.loads(encode.summary_path(out).read_text())
+    return json.loads(summary_path(out).read_text())
 
 
 def test_jsonl_to_npy_with_summary(tiny_engine, tmp_path, reference, capsys):
@@ -57,7 +59,6 @@ def test_jsonl_to_npy_with_summary(tiny_engine, tmp_path, reference, capsys):
     assert s["rows"] == 5 and s["truncated_rows"] == 1 and s["skipped_rows"] == 0
     assert s["tokens"] > 512 and 0 <= s["padding_waste"] < 1 and s["docs_per_s"] > 0 and s["tokens_per_s"] > 0
     manifest = Path(f"{tiny_engine}.manifest.json")
-    import hashlib
 
     assert s["engine_manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
     assert not Path(f"{out}.parts").exists()  # shards cleaned up after publishing
@@ -210,7 +211,8 @@ def _bundle_copy(tiny_engine: Path, dst: Path, name: str = "copy.onnx") -> Path:
     ("corrupt-manifest", "corrupt manifest"),
     ("tokenizer", "tokenizer sha256 differs from the manifest"),
     ("truncated", "the manifest says"),
-    ("garbage", "ONNX Runtime cannot load the engine"),
+    ("garbage", "sha256 differs from the manifest's (corrupt or replaced)"),
+    ("garbage-unverified", "ONNX Runtime cannot load the engine"),
     ("plan", "TensorRT"),
 ])
 def test_bad_engine_exits_2_with_a_clear_message(tiny_engine, tmp_path, capsys, damage, message):
@@ -226,18 +228,19 @@ def test_bad_engine_exits_2_with_a_clear_message(tiny_engine, tmp_path, capsys, 
             fh.write(" ")
     elif damage == "truncated":
         engine.write_bytes(engine.read_bytes()[:1000])
-    elif damage == "garbage":  # right size, wrong bytes
+    elif damage.startswith("garbage"):  # right size, wrong bytes
         engine.write_bytes(bytes(engine.stat().st_size))
     elif damage == "plan":  # a .plan bundle on a machine without TensorRT / with another TensorRT or GPU
         plan = engine.with_suffix(".plan")
         manifest = json.loads(Path(f"{engine}.manifest.json").read_text())
-        manifest["engine"].update(kind="tensorrt", file=plan.name, bytes=4)
+        manifest["engine"].update(kind="tensorrt", file=plan.name, bytes=4, sha256=hashlib.sha256(b"junk").hexdigest())
         manifest["tensorrt"] = {"version": "0.0.0", "compute_capability": "1.0"}
         plan.write_bytes(b"junk")
         Path(f"{plan}.manifest.json").write_text(json.dumps(manifest))
         shutil.copyfile(f"{engine}.tokenizer.json", f"{plan}.tokenizer.json")
         engine = plan
-    rc, out = run_cli(tiny_engine, tmp_path, "d.txt", "a\n", engine=engine)
+    extra = ["--no-verify-engine"] if damage.endswith("unverified") else []
+    rc, out = run_cli(tiny_engine, tmp_path, "d.txt", "a\n", *extra, engine=engine)
     assert rc == encode.EXIT_SETUP
     assert message in capsys.readouterr().err
     assert not out.exists()

@@ -1,5 +1,6 @@
 """Resumption after SIGKILL: a real ``python -m runtime.encode`` process is killed at chosen points (while paused
-by the test-only hook, or by the hook itself), and the resumed output is byte-identical to an uninterrupted run."""
+at a point by ``tests.encode_hooked``, or by that wrapper itself), and the resumed output is byte-identical to an
+uninterrupted run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from runtime.encode import TEST_HOOK_ENV
 from tests.test_runtime import ROOT, mixed_length_texts
 
 ROWS = 100
@@ -28,21 +28,20 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def command(engine: Path, src: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "runtime.encode", "--engine", str(engine), "--input", str(src), "--output", str(out),
+    return ["--engine", str(engine), "--input", str(src), "--output", str(out),
             "--instruction", "Represent the document for retrieval: ", "--shard-rows", str(SHARD), "--quiet", *extra]
 
 
-def run(cmd: list[str], hook: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != TEST_HOOK_ENV}
-    if hook:
-        env[TEST_HOOK_ENV] = hook
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def run(args: list[str], hook: str | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; with ``hook`` ("kill@POINT") through ``tests.encode_hooked``."""
+    prefix = ["-m", "tests.encode_hooked", hook] if hook else ["-m", "runtime.encode"]
+    return subprocess.run([sys.executable, *prefix, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def run_until_paused_then_kill(cmd: list[str], point: str) -> int:
-    """Start the command, wait until it reports being paused at ``point``, then SIGKILL it from here."""
-    env = {**os.environ, TEST_HOOK_ENV: f"pause@{point}"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def run_until_paused_then_kill(args: list[str], point: str) -> int:
+    """Start the CLI, wait until it reports being paused at ``point``, then SIGKILL it from here."""
+    cmd = [sys.executable, "-m", "tests.encode_hooked", f"pause@{point}", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:
             if line.strip() == f"PAUSED {point}":

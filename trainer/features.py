@@ -35,11 +35,7 @@ class TrainingFeaturizer:
         size = chunk_size or len(pairs)
         chunks = []
         for start in range(0, len(pairs), size):
-            part = Encoded(
-                ids=encoded.ids[start : start + size],
-                instruction_count=encoded.instruction_count[start : start + size],
-                truncated=encoded.truncated[start : start + size],
-            )
+            part = encoded.take(slice(start, start + size))
             arrays = self.tok.pad(part, self.max_length if self.pad_to_max_length else None)
             chunks.append({k: torch.from_numpy(v) for k, v in arrays.items()})
         return chunks

@@ -175,12 +175,7 @@ class InstructorModel(nn.Module):
         starts = range(0, len(items), batch_size)
         for start in tqdm(starts, desc="Batches", disable=not show_progress_bar):
             rows = order[start : start + batch_size]
-            sub = type(encoded)(
-                ids=[encoded.ids[i] for i in rows],
-                instruction_count=encoded.instruction_count[rows],
-                truncated=encoded.truncated[rows],
-            )
-            feats = {k: torch.from_numpy(v).to(self._device) for k, v in self.tokenizer.pad(sub).items()}
+            feats = {k: torch.from_numpy(v).to(self._device) for k, v in self.tokenizer.pad(encoded.take(rows)).items()}
             if output_value == "token_embeddings":
                 hidden = self.auto_model(input_ids=feats["input_ids"], attention_mask=feats["attention_mask"])
                 for j, i in enumerate(rows):

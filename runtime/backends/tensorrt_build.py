@@ -8,25 +8,24 @@ from its ``PATH.onnx`` (``rebuild_for_this_gpu``). ``python -m export`` builds t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.atomic import atomic_write_bytes, atomic_write_text
 from runtime.bundle import (
     INPUT_NAMES,
     Manifest,
-    atomic_write_text,
+    cache_dir,
     manifest_path,
     sha256_file,
     source_onnx_path,
     tokenizer_path,
 )
 
-CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "instructor-stack"
-DEFAULT_TIMING_CACHE = CACHE_ROOT / "tensorrt.timing-cache"
-DEFAULT_PLAN_CACHE = CACHE_ROOT / "plans"
+DEFAULT_TIMING_CACHE = cache_dir() / "tensorrt.timing-cache"
+DEFAULT_PLAN_CACHE = cache_dir() / "plans"
 
 
 @dataclass
@@ -100,11 +99,8 @@ def build_plan(onnx_path: Path, plan_path: Path, profile: Profile, timing_cache:
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"{onnx_path}: TensorRT could not build an engine (see the log above)")
-    plan_path.write_bytes(bytes(serialized))
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}")
-    tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    tmp.replace(timing_cache)
+    atomic_write_bytes(plan_path, bytes(serialized))
+    atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
     return {
         "tensorrt": {
             "version": trt.__version__,
@@ -117,7 +113,7 @@ def build_plan(onnx_path: Path, plan_path: Path, profile: Profile, timing_cache:
     }
 
 
-def rebuild_for_this_gpu(manifest: Manifest, cache_dir: Path = DEFAULT_PLAN_CACHE) -> Path:
+def rebuild_for_this_gpu(manifest: Manifest, plan_cache: Path = DEFAULT_PLAN_CACHE) -> Path:
     """Build ``manifest``'s ``.plan`` for this GPU and TensorRT from the bundle's ONNX, once; return the new bundle.
 
     The cached bundle is keyed by the source manifest's hash, the compute capability and the TensorRT version; its
@@ -130,14 +126,11 @@ def rebuild_for_this_gpu(manifest: Manifest, cache_dir: Path = DEFAULT_PLAN_CACH
         raise FileNotFoundError(f"{src}: the bundle has no ONNX graph to rebuild its .plan from")
     device = current_device()
     key = f"{manifest.sha256[:16]}-sm{device['compute_capability'].replace('.', '')}-trt{trt.__version__}"
-    plan = Path(cache_dir) / key / manifest.engine.name
+    plan = Path(plan_cache) / key / manifest.engine.name
     if manifest_path(plan).is_file():
         return plan
-    plan.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan.with_name(f".{plan.name}.{os.getpid()}")
-    old = manifest.data["tensorrt"]
-    fields = build_plan(src, tmp, Profile.from_dict(old["profile"]), DEFAULT_TIMING_CACHE, bool(old.get("tf32", False)))
-    tmp.replace(plan)
+    old = manifest.data["tensorrt"]  # the plan is written atomically; the manifest, written last, marks it done
+    fields = build_plan(src, plan, Profile.from_dict(old["profile"]), DEFAULT_TIMING_CACHE, bool(old.get("tf32", False)))
     shutil.copyfile(tokenizer_path(manifest.engine), tokenizer_path(plan))
     shutil.copyfile(src, source_onnx_path(plan))
     data = dict(manifest.data)
