@@ -108,7 +108,7 @@ def test_accelerate_launch_two_processes_trains_like_one(tmp_path):
     assert [r["task"] for r in logs["two"]] == [r["task"] for r in logs["one"]]
     for a, b in zip(logs["two"], logs["one"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert (tmp_path / "two" / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").is_file()
+    assert (tmp_path / "two" / "checkpoints" / "checkpoint-2" / "rng-1.safetensors").is_file()  # each process's RNG
     assert (tmp_path / "two" / "loss_curve.png").stat().st_size > 0
     trained = InstructorModel.from_pretrained(tmp_path / "two")
     assert trained.encode([["Represent the sentence: ", "a test"]]).shape == (1, 32)

@@ -17,6 +17,9 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from runtime.readers import parse_json_line
+from runtime.tokenization import has_lone_surrogate
+
 SIDES = ("query", "pos", "neg")
 INDEX_VERSION = 1
 _READ_CHUNK = 1 << 24  # characters decoded at a time while indexing a JSON list
@@ -44,7 +47,11 @@ def resolve_data_path(path: str | Path) -> Path:
 
 
 def validate_row(obj: Any, where: str) -> str | int:
-    """Check one row and return its task key (the ``task_name`` string or the ``task_id`` integer)."""
+    """Check one row and return its task key (the ``task_name`` string or the ``task_id`` integer).
+
+    Everything the training step will do with the row must work: a string the tokenizer cannot take (a lone
+    surrogate from ``"\\ud800"`` in JSON) is refused here, before step 1, not in the middle of training.
+    """
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected an object with query/pos/neg, got {type(obj).__name__}")
     for side in SIDES:
@@ -56,12 +63,15 @@ def validate_row(obj: Any, where: str) -> str | int:
             raise DataError(
                 f"{where}: field {side!r} must be an [instruction, text] pair of strings, got {shown[:120]}"
             )
+        for element, text in enumerate(pair):
+            if has_lone_surrogate(text):
+                raise DataError(f"{where}: field {side!r} element {element}: invalid unicode (lone surrogate)")
     if "task_name" in obj:
         task = obj["task_name"]
         if not isinstance(task, str):
             raise DataError(f"{where}: field 'task_name' must be a string, got {type(task).__name__}")
-        if not task.strip():
-            raise DataError(f"{where}: field 'task_name' is empty")
+        if not task.strip() or has_lone_surrogate(task):
+            raise DataError(f"{where}: field 'task_name' is empty or not valid text")
         return task
     if "task_id" in obj:
         task = obj["task_id"]
@@ -71,15 +81,27 @@ def validate_row(obj: Any, where: str) -> str | int:
     raise DataError(f"{where}: missing field 'task_name' (or 'task_id')")
 
 
+BOM = b"\xef\xbb\xbf"
+
+
+def _has_bom(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(3) == BOM
+
+
 def _iter_json_list(path: Path) -> Iterator[tuple[int, int, Any, str]]:
     """Yield (byte offset, byte length, object, "row N") for each element of a top-level JSON list, reading in chunks."""
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
-        buf, i, byte_pos, eof, row = "", 0, 0, False, 0
+    bom = _has_bom(path)
+    with open(path, encoding="utf-8-sig" if bom else "utf-8") as f:
+        buf, i, byte_pos, eof, row = "", 0, len(BOM) if bom else 0, False, 0
 
         def more() -> bool:
             nonlocal buf, i, eof
-            chunk = f.read(_READ_CHUNK)
+            try:
+                chunk = f.read(_READ_CHUNK)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: not valid UTF-8 ({exc.reason}) after row {row}, near byte {byte_pos}") from None
             eof = not chunk
             buf, i = buf[i:] + chunk, 0
             return not eof
@@ -110,6 +132,10 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, int, Any, str]]:
                 except json.JSONDecodeError as exc:
                     if eof or not more():
                         raise DataError(f"{path}: row {row}: invalid JSON at byte {byte_pos} ({exc.msg})") from None
+                except RecursionError:
+                    raise DataError(f"{path}: row {row}: JSON nested too deeply, at byte {byte_pos}") from None
+                except ValueError as exc:  # an integer of more digits than int() converts
+                    raise DataError(f"{path}: row {row}: unreadable JSON value at byte {byte_pos} ({str(exc).split(':')[0]})") from None
             length = len(buf[i:end].encode("utf-8"))
             yield byte_pos, length, obj, f"row {row}"
             byte_pos += length
@@ -129,19 +155,23 @@ def _iter_json_lines(path: Path) -> Iterator[tuple[int, int, Any, str]]:
     with open(path, "rb") as f:
         offset = 0
         for lineno, line in enumerate(f, start=1):
+            start = len(BOM) if lineno == 1 and line.startswith(BOM) else 0
             if line.strip():
                 try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
-                yield offset, len(line), obj, f"line {lineno}"
+                    text = line[start:].decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}: line {lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+                obj, why = parse_json_line(text)
+                if why is not None:
+                    raise DataError(f"{path}: line {lineno}: {why}")
+                yield offset + start, len(line) - start, obj, f"line {lineno}"
             offset += len(line)
 
 
 def _is_json_list(path: Path) -> bool:
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    return head[:1] == b"["
+        head = f.read(4096)
+    return head.removeprefix(BOM).lstrip()[:1] == b"["
 
 
 @dataclass
