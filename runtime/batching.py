@@ -25,6 +25,8 @@ class BatchStats:
     padded_tokens: int = 0  # positions the engine computed: sum over batches of rows x longest row
     truncated: int = 0  # rows cut at max_seq_length
     batches: int = 0
+    chunks: int = 0  # engine inputs: the rows, or with long_text="chunk" their chunks
+    split_rows: int = 0  # rows longer than max_seq_length cut into several chunks (long_text="chunk")
 
     @property
     def padding_waste(self) -> float:

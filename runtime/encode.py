@@ -15,12 +15,14 @@ from tqdm.auto import tqdm
 
 from runtime.atomic import publish
 from runtime.bundle import EngineError
-from runtime.encoder import Encoder
-from runtime.job import DEVICES, ON_ERROR, EncodeJob, RayOptions, RunSummary
+from runtime.chunking import LONG_TEXT, POOLING
+from runtime.encoder import Encoder, Window
+from runtime.job import CHUNK_OUTPUT, DEVICES, ON_ERROR, EncodeJob, RayOptions, RunSummary
 from runtime.locks import ExclusiveLock, LockHeld
+from runtime.output_dtype import NEEDS_RANGES, OUTPUT_DTYPES, calibration_ranges, load_ranges, ranges_path, save_ranges
 from runtime.readers import InputError, Record, Skipped, input_format, read_records
 from runtime.resume import ResumeError, ShardStore, parts_dir, records_digest
-from runtime.writers import DTYPES, check_output, write_output
+from runtime.writers import check_output, write_output
 
 EXIT_INPUT = 1  # bad input data (the message names file, line and field)
 EXIT_SETUP = 2  # engine missing/corrupt/mismatched, bad options, output in the way, disk or permission trouble
@@ -33,9 +35,18 @@ skipped), .csv/.tsv (with a header row), .parquet; a UTF-8 byte-order mark is fi
 --text-field; its instruction is --instruction for every row, or --instruction-field per row (INSTRUCTOR's
 [instruction, text] input); without either, rows are plain strings.
 
-Output: .npy (float32 [rows, dim], or --dtype float16), or .parquet (columns line, id with --id-field, embedding).
-Rows keep the input order. OUTPUT.summary.json records rows, tokens, truncated, skipped and blank rows, docs/s,
-tokens/s, padding waste and the engine manifest's sha256; the same summary is printed.
+Output: .npy ([rows, dim]), or .parquet (columns line, id with --id-field, embedding). Rows keep the input order.
+--output-dtype: float32 (default), float16, int8, uint8 (per-dimension ranges from --int8-ranges, else from the
+first --shard-rows vectors; saved as OUTPUT.ranges.npy to quantize queries the same way), binary or ubinary (sign
+bits, 8 per byte): sentence-transformers' quantize_embeddings semantics. OUTPUT.summary.json records rows, tokens,
+truncated, skipped and blank rows, docs/s, tokens/s, padding waste and the engine manifest's sha256; the same
+summary is printed.
+
+Long texts: --long-text truncate (default, as InstructorEmbedding) cuts a text at the engine's max_seq_length.
+--long-text chunk splits it into overlapping windows (--chunk-overlap tokens) that each repeat the instruction,
+batched with everything else; a row's vector is the token-weighted mean of its chunks' (--chunk-pooling max: their
+element-wise max), normalized again. --chunk-output all writes one .parquet row per chunk instead, with columns
+chunk (its number in the row) and span (its [start, end) token positions in the row).
 
 Crash-safe: finished shards of --shard-rows rows are kept in OUTPUT.parts/ with a state file and a digest of the
 input rows each shard came from. After an interruption (even kill -9, a full disk) run the same command again:
@@ -66,7 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--instruction", help='one instruction for every row, e.g. "Represent the document for retrieval: "')
     group.add_argument("--instruction-field", help="field/column holding each row's instruction")
     p.add_argument("--id-field", help="field/column with each row's id, kept in a .parquet output's id column")
-    p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help=f"output precision (default: {d.dtype})")
+    p.add_argument("--output-dtype", "--dtype", dest="output_dtype", choices=OUTPUT_DTYPES, default=d.output_dtype,
+                   help=f"output vector type (default: {d.output_dtype}); see above")
+    p.add_argument("--int8-ranges", type=Path,
+                   help="int8/uint8: [2, dim] per-dimension minima and maxima (e.g. an earlier run's OUTPUT.ranges.npy)")
+    p.add_argument("--long-text", choices=LONG_TEXT, default=d.long_text, help=f"texts over max_seq_length (default: {d.long_text})")
+    p.add_argument("--chunk-overlap", type=int, default=d.chunk_overlap,
+                   help=f"tokens shared by neighbouring chunks (default: {d.chunk_overlap})")
+    p.add_argument("--chunk-pooling", choices=POOLING, default=d.chunk_pooling,
+                   help=f"a chunked row's vector from its chunks' (default: {d.chunk_pooling})")
+    p.add_argument("--chunk-output", choices=CHUNK_OUTPUT, default=d.chunk_output,
+                   help=f"row: one vector per row; all: one per chunk, .parquet only (default: {d.chunk_output})")
     p.add_argument("--on-error", choices=ON_ERROR, default=d.on_error,
                    help="a bad row stops the run (raise, default) or is left out and listed in the summary (skip)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"most rows per engine batch (default: {d.batch_size})")
@@ -109,7 +130,9 @@ def parse_job(argv: list[str] | None = None) -> EncodeJob:
                          build_on_worker=a.build_on_worker)
     job = EncodeJob(
         engine=a.engine, input=a.input, output=a.output, text_field=a.text_field, instruction=a.instruction,
-        instruction_field=a.instruction_field, id_field=a.id_field, dtype=a.dtype, on_error=a.on_error,
+        instruction_field=a.instruction_field, id_field=a.id_field, output_dtype=a.output_dtype,
+        int8_ranges=a.int8_ranges, long_text=a.long_text, chunk_overlap=a.chunk_overlap, chunk_pooling=a.chunk_pooling,
+        chunk_output=a.chunk_output, on_error=a.on_error,
         batch_size=a.batch_size, max_tokens=a.max_tokens, max_padding=a.max_padding, shard_rows=a.shard_rows,
         device=a.device, threads=a.threads, verify_engine=a.verify_engine, overwrite=a.overwrite, quiet=a.quiet, ray=ray,
     )
@@ -138,6 +161,10 @@ def resume_fingerprint(job: EncodeJob, encoder: Encoder) -> dict[str, object]:
         "batch_size": job.batch_size,
         "max_tokens": job.max_tokens,
         "max_padding": job.max_padding,
+        "long_text": job.long_text,
+        "chunk_overlap": job.chunk_overlap,
+        "chunk_pooling": job.chunk_pooling,
+        "chunk_output": job.chunk_output,
     }
 
 
@@ -169,14 +196,12 @@ def run(job: EncodeJob, on_point: PointHook | None = None) -> RunSummary:
 
 
 def _run_locked(job: EncodeJob, hook: PointHook) -> RunSummary:
-    check_output(job.output, job.dtype, job.id_field is not None)
+    check_output(job.output, job.id_field is not None, job.keep_chunks)
     if job.output.exists() and not job.overwrite and not parts_dir(job.output).is_dir():
         raise FileExistsError(f"{job.output} exists; pass --overwrite to replace it")
     started = time.perf_counter()
-    encoder = Encoder(
-        job.engine, device=job.engine_device, max_tokens=job.max_tokens, window=job.shard_rows,
-        max_padding=job.max_padding, verify_engine=job.verify_engine, **job.onnx_options,
-    )
+    encoder = Encoder(job.engine, device=job.engine_device, window=job.shard_rows, **job.encoder_options())
+    given_ranges = load_ranges(job.int8_ranges, encoder.embedding_dim) if job.int8_ranges else None
     store = ShardStore(job.output, resume_fingerprint(job, encoder)).open(overwrite=job.overwrite)
     resumed = store.done_rows
     skipped = Skipped()
@@ -194,12 +219,11 @@ def _run_locked(job: EncodeJob, hook: PointHook) -> RunSummary:
 
     try:
         with bar:
-            for window in encoder.stream(records, job.batch_size, job.max_tokens, Record.as_input, progress):
-                items: list[Record] = window.items
-                ids = [r.id or "" for r in items] if job.id_field else None
-                store.save_shard(window.vectors, np.array([r.line for r in items], dtype=np.int64), ids)
+            for window in encoder.stream(records, job.batch_size, job.max_tokens, Record.as_input, progress, job.keep_chunks):
+                arrays = shard_arrays(window, job)
+                store.save_shard(arrays)
                 hook(f"save:{len(store.shards)}")
-                store.commit(window.stats, records_digest(items))
+                store.commit(window.stats, records_digest(window.items), len(arrays["vectors"]))
                 hook(f"commit:{len(store.shards)}")
     except InputError:
         if not store.shards:  # nothing worth resuming: leave no parts folder in the way of the fixed input
@@ -207,8 +231,10 @@ def _run_locked(job: EncodeJob, hook: PointHook) -> RunSummary:
         raise
     loop_s = time.perf_counter() - loop_start
     stats = store.stats
+    ranges = output_ranges(job, store, given_ranges)
     tmp = store.temp_output()
-    write_output(store.iter_shards(), tmp, stats.rows, encoder.embedding_dim, job.dtype, job.id_field is not None)
+    columns = (("id",) if job.id_field else ()) + (("chunk",) if job.keep_chunks else ())
+    write_output(store.iter_shards(), tmp, store.vectors, encoder.embedding_dim, job.output_dtype, ranges, columns)
     hook("publish")
     publish(tmp, job.output)
     summary = RunSummary(
@@ -229,17 +255,57 @@ def _run_locked(job: EncodeJob, hook: PointHook) -> RunSummary:
         docs_per_s=round(session["rows"] / max(loop_s, 1e-9), 2),
         tokens_per_s=round(session["tokens"] / max(loop_s, 1e-9), 1),
         embedding_dim=encoder.embedding_dim,
-        dtype=job.dtype,
+        output_dtype=job.output_dtype,
         engine=job.engine,
         engine_manifest_sha256=encoder.manifest.sha256,
         precision=encoder.manifest.precision,
         backend=encoder.backend.name,
+        **chunk_counts(job, stats.chunks, stats.split_rows, store.vectors),
+        ranges=str(ranges_path(job.output)) if ranges is not None else None,
     )
     summary.write()
     hook("summary")
     store.remove()
     encoder.close()
     return summary
+
+
+def shard_arrays(window: Window, job: EncodeJob) -> dict[str, np.ndarray]:
+    """What a shard keeps: float32 vectors and, per vector, its source line (and id; chunk and span)."""
+    items: list[Record] = window.items
+    lines = np.array([r.line for r in items], dtype=np.int64)
+    ids = np.asarray([r.id or "" for r in items], dtype=str) if job.id_field else None
+    if not job.keep_chunks:
+        arrays = {"vectors": window.vectors, "lines": lines}
+        pick = slice(None)
+    else:
+        c = window.chunks
+        arrays = {"vectors": c.vectors, "lines": lines[c.row], "chunk": c.index, "span": c.span}
+        pick = c.row
+    if ids is not None:
+        arrays["ids"] = ids[pick]
+    return arrays
+
+
+def output_ranges(job: EncodeJob, store: ShardStore, given: np.ndarray | None):
+    """int8/uint8: the given ranges, or those of the first shard's vectors; saved beside the output (atomically)."""
+    if job.output_dtype not in NEEDS_RANGES:
+        return None
+    ranges = given
+    if ranges is None:
+        first = next(store.iter_shards(), None)
+        if first is None or len(first["vectors"]) < 2:
+            raise ValueError(f"--output-dtype {job.output_dtype}: fewer than 2 vectors to take ranges from; pass --int8-ranges")
+        ranges = calibration_ranges(first["vectors"])
+    save_ranges(ranges_path(job.output), ranges)
+    return ranges
+
+
+def chunk_counts(job: EncodeJob, chunks: int, split_rows: int, vectors: int) -> dict[str, object]:
+    """The summary's chunking fields (only with --long-text chunk)."""
+    if job.long_text != "chunk":
+        return {}
+    return {"long_text": job.long_text, "chunks": chunks, "split_rows": split_rows, "output_vectors": vectors}
 
 
 def _after_done_windows(records: Iterable[Record], store: ShardStore) -> Iterator[Record]:

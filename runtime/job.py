@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from runtime.atomic import atomic_write_text
+from runtime.chunking import DEFAULT_OVERLAP, LONG_TEXT, POOLING
 from runtime.encoder import DEFAULT_MAX_PADDING, DEFAULT_MAX_TOKENS, DEFAULT_WINDOW
+from runtime.output_dtype import NEEDS_RANGES, OUTPUT_DTYPES
 from runtime.readers import ReaderOptions
 from runtime.tokenization import has_lone_surrogate
 
 DEVICES = ("auto", "cpu", "cuda")
 ON_ERROR = ("raise", "skip")
+CHUNK_OUTPUT = ("row", "all")
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,12 @@ class EncodeJob:
     instruction: str | None = None  # one instruction for every row
     instruction_field: str | None = None  # or one per row
     id_field: str | None = None
-    dtype: str = "float32"
+    output_dtype: str = "float32"  # see runtime.output_dtype
+    int8_ranges: Path | None = None  # [2, dim] ranges for int8/uint8; None: from the first window
+    long_text: str = "truncate"  # or "chunk": see runtime.chunking
+    chunk_overlap: int = DEFAULT_OVERLAP
+    chunk_pooling: str = "mean"
+    chunk_output: str = "row"  # or "all": one output row per chunk, with its number and token span
     on_error: str = "raise"
     batch_size: int = 64
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -60,6 +68,8 @@ class EncodeJob:
         object.__setattr__(self, "input", Path(self.input))
         object.__setattr__(self, "output", Path(self.output))
         object.__setattr__(self, "engine", str(self.engine))
+        if self.int8_ranges is not None:
+            object.__setattr__(self, "int8_ranges", Path(self.int8_ranges))
 
     def problems(self) -> list[str]:
         """What is wrong with the options themselves (before any file is touched)."""
@@ -81,7 +91,33 @@ class EncodeJob:
             out.append("--instruction is not valid Unicode text")
         if self.ray is not None and self.ray.num_workers < 1:
             out.append("--num-workers must be >= 1")
+        if self.output_dtype not in OUTPUT_DTYPES:
+            out.append(f"--output-dtype must be one of {', '.join(OUTPUT_DTYPES)}")
+        if self.int8_ranges is not None and self.output_dtype not in NEEDS_RANGES:
+            out.append("--int8-ranges goes with --output-dtype int8 or uint8")
+        if self.ray is not None and self.output_dtype in NEEDS_RANGES and self.int8_ranges is None:
+            out.append("--ray with --output-dtype int8/uint8 needs --int8-ranges (its workers have no common first window)")
+        if self.long_text not in LONG_TEXT:
+            out.append(f"--long-text must be one of {', '.join(LONG_TEXT)}")
+        if self.chunk_pooling not in POOLING:
+            out.append(f"--chunk-pooling must be one of {', '.join(POOLING)}")
+        if self.chunk_overlap < 0:
+            out.append("--chunk-overlap must be >= 0")
+        if self.chunk_output not in CHUNK_OUTPUT:
+            out.append(f"--chunk-output must be one of {', '.join(CHUNK_OUTPUT)}")
+        if self.chunk_output == "all" and self.long_text != "chunk":
+            out.append("--chunk-output all goes with --long-text chunk")
         return out
+
+    @property
+    def keep_chunks(self) -> bool:
+        return self.chunk_output == "all"
+
+    def encoder_options(self) -> dict[str, Any]:
+        """``runtime.Encoder`` keyword arguments of this job (device aside)."""
+        return {"max_tokens": self.max_tokens, "max_padding": self.max_padding, "verify_engine": self.verify_engine,
+                "long_text": self.long_text, "chunk_overlap": self.chunk_overlap, "chunk_pooling": self.chunk_pooling,
+                **self.onnx_options}
 
     def reader_options(self) -> ReaderOptions:
         return ReaderOptions(self.text_field, self.instruction, self.instruction_field, self.id_field, self.on_error)
@@ -116,7 +152,7 @@ class RunSummary:
     docs_per_s: float
     tokens_per_s: float
     embedding_dim: int
-    dtype: str
+    output_dtype: str
     engine: str
     engine_manifest_sha256: str
     precision: str
@@ -127,6 +163,11 @@ class RunSummary:
     encode_s: float | None = None
     workers: int | None = None
     gpus_per_worker: float | None = None
+    long_text: str | None = None  # with --long-text chunk:
+    chunks: int | None = None  # engine inputs (rows, or their chunks)
+    split_rows: int | None = None  # rows cut into several chunks
+    output_vectors: int | None = None  # vectors in the output (one per chunk with --chunk-output all)
+    ranges: str | None = None  # int8/uint8: the file of the ranges used (OUTPUT.ranges.npy)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

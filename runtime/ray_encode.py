@@ -10,8 +10,10 @@ A streaming pipeline of four stages:
    actors are restarted and their batches retried when a worker dies, so no row is lost or written twice;
 4. write: Ray's parquet writer into a temp folder, renamed to OUTPUT when everything is written.
 
-Shards hold ``line`` (int64), ``id`` (with ``--id-field``), ``embedding`` (fixed-size list), and per-row ``tokens``
-and ``truncated``; they are not in input order: sort by ``line`` (``read_output`` does).
+Shards hold ``line`` (int64), ``id`` (with ``--id-field``), per-row ``tokens`` and ``truncated`` (longer than
+max_seq_length; with ``--long-text chunk`` such a row was split, not cut), ``chunk`` and ``span`` with
+``--chunk-output all``, and ``embedding`` (a fixed-size list of the output dtype); they are not in input order:
+sort by ``line`` (``read_output`` does).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from runtime.atomic import atomic_write_text
 from runtime.bundle import EngineError, load_manifest, tokenizer_path
 from runtime.job import EncodeJob, RayOptions, RunSummary
 from runtime.locks import owned_temp_dir
+from runtime.output_dtype import load_ranges
 from runtime.readers import MAX_LISTED, InputError, ReaderOptions, Skipped, Span, input_format, plan_spans, read_records
 from runtime.tokenization import Encoded, InstructionTokenizer
+from runtime.writers import embedding_array
 
 RAY_INSTALL_HINT = "the --ray path needs Ray Data: pip install 'instructor-stack[dist]'"
 READ_BLOCK_ROWS = 4096
@@ -103,62 +107,67 @@ def _tokenizer(file: str, max_seq_length: int, do_lower_case: bool) -> Instructi
     return InstructionTokenizer(file, max_seq_length, do_lower_case)
 
 
-def _tokenize(batch: Any, file: str, max_seq_length: int, do_lower_case: bool) -> Any:
-    """CPU stage: token ids, instruction counts and truncation flags of a batch of records."""
+def _tokenize(batch: Any, file: str, max_seq_length: int, do_lower_case: bool, truncate: bool) -> Any:
+    """CPU stage: token ids, instruction counts and truncation flags of a batch of records (whole texts to chunk)."""
     pa = _pa()
     tok = _tokenizer(file, max_seq_length, do_lower_case)
     texts = batch.column("text").to_pylist()
     instructions = batch.column("instruction").to_pylist()
-    encoded = tok.encode([t if i is None else [i, t] for i, t in zip(instructions, texts)])
+    encoded = tok.encode([t if i is None else [i, t] for i, t in zip(instructions, texts)], truncate=truncate)
     out = batch.drop_columns(["text", "instruction"])
     out = out.append_column("input_ids", pa.array(encoded.ids, type=pa.list_(pa.int32())))
     out = out.append_column("instruction_count", pa.array(encoded.instruction_count, type=pa.int64()))
     return out.append_column("truncated", pa.array(encoded.truncated, type=pa.bool_()))
 
 
-def open_worker_encoder(engine: str, device: str | None, max_tokens: int, threads: int, build_on_worker: bool) -> Any:
+def open_worker_encoder(job: EncodeJob, device: str | None) -> Any:
     """The engine of one worker; a ``.plan`` made for another GPU/TensorRT is refused, or rebuilt when allowed."""
     from runtime.backends.tensorrt import PlanTargetMismatch
     from runtime.encoder import Encoder
 
-    options = {"intra_op_threads": threads} if engine.lower().endswith(".onnx") else {}
+    options = {**job.encoder_options(), "verify_engine": False}  # the driver verified the file
+    if "intra_op_threads" in options and not job.threads:
+        options["intra_op_threads"] = 1  # by default one thread per actor: the actors share the machine's cores
     try:
-        return Encoder(engine, device=device, max_tokens=max_tokens, **options)
+        return Encoder(job.engine, device=device, **options)
     except PlanTargetMismatch:
-        if not build_on_worker:
+        if not (job.ray and job.ray.build_on_worker):
             raise
     from runtime.backends.tensorrt_build import rebuild_for_this_gpu
 
-    return Encoder(rebuild_for_this_gpu(load_manifest(engine)), device=device, max_tokens=max_tokens)
+    return Encoder(rebuild_for_this_gpu(load_manifest(job.engine)), device=device, **options)
 
 
 class _EncodeActor:
-    """Encode stage: one engine per actor, opened once; rows in, vectors out (same row order)."""
+    """Encode stage: one engine per actor, opened once; rows in, vectors out (same row order, or one per chunk)."""
 
-    def __init__(self, engine: str, device: str | None, batch_size: int, max_tokens: int, dtype: str,
-                 threads: int, build_on_worker: bool, before_batch: Callable[[], None] | None) -> None:
-        self.encoder = open_worker_encoder(engine, device, max_tokens, threads, build_on_worker)
-        self.batch_size = batch_size
-        self.dtype = np.dtype(dtype)
+    def __init__(self, job: EncodeJob, device: str | None, ranges: np.ndarray | None,
+                 before_batch: Callable[[], None] | None) -> None:
+        self.encoder = open_worker_encoder(job, device)
+        self.job = job
+        self.ranges = ranges
         self.before_batch = before_batch
 
     def __call__(self, batch: Any) -> Any:
         if self.before_batch is not None:  # a caller's probe, e.g. a test that kills the worker here
             self.before_batch()
         pa = _pa()
-        ids = batch.column("input_ids").to_pylist()
         encoded = Encoded(
-            ids=ids,
+            ids=batch.column("input_ids").to_pylist(),
             instruction_count=batch.column("instruction_count").to_numpy(),
             truncated=batch.column("truncated").to_numpy(zero_copy_only=False),
         )
-        vectors, _ = self.encoder.encode_tokenized(encoded, self.batch_size)
-        value_type = pa.float16() if self.dtype == np.float16 else pa.float32()
-        flat = pa.array(vectors.astype(self.dtype).reshape(-1), type=value_type)
-        out = batch.drop_columns(["input_ids", "instruction_count", "truncated"])
-        out = out.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
+        window = self.encoder.encode_tokenized(encoded, self.job.batch_size, keep_chunks=self.job.keep_chunks)
+        out = batch.drop_columns(["input_ids", "instruction_count"])
         out = out.append_column("tokens", pa.array(encoded.lengths, type=pa.int32()))
-        return out.append_column("truncated", batch.column("truncated"))
+        vectors = window.vectors
+        if window.chunks is not None:  # one output row per chunk, after its row's columns
+            c = window.chunks
+            out = out.take(pa.array(c.row))
+            out = out.append_column("chunk", pa.array(c.index, type=pa.int32()))
+            out = out.append_column("span", pa.FixedSizeListArray.from_arrays(pa.array(c.span.reshape(-1), type=pa.int32()), 2))
+            vectors = c.vectors
+        return out.append_column("embedding", embedding_array(vectors, self.job.output_dtype, self.ranges))
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -236,13 +245,13 @@ def _run_pipeline(ray: Any, job: EncodeJob, opts: RayOptions, manifest: Any, spa
         ds = ds.map_batches(
             _tokenize, batch_format="pyarrow", batch_size=opts.rows_per_call,
             fn_kwargs={"file": str(tokenizer_path(job.engine)), "max_seq_length": manifest.max_seq_length,
-                       "do_lower_case": manifest.do_lower_case},
+                       "do_lower_case": manifest.do_lower_case, "truncate": job.long_text == "truncate"},
         )
+        ranges = load_ranges(job.int8_ranges, manifest.embedding_dim) if job.int8_ranges else None
         ds = ds.map_batches(
             _EncodeActor, batch_format="pyarrow", batch_size=opts.rows_per_call,
-            fn_constructor_kwargs={"engine": job.engine, "device": "cuda" if gpus else "cpu", "batch_size": job.batch_size,
-                                   "max_tokens": job.max_tokens, "dtype": job.dtype, "threads": job.threads or 1,
-                                   "build_on_worker": opts.build_on_worker, "before_batch": before_batch},
+            fn_constructor_kwargs={"job": job, "device": "cuda" if gpus else "cpu", "ranges": ranges,
+                                   "before_batch": before_batch},
             compute=ray.data.ActorPoolStrategy(size=opts.num_workers), num_gpus=gpus, num_cpus=1 if not gpus else 0,
         )  # Ray Data restarts a dead actor and retries its batch (max_restarts=-1, max_task_retries=-1 by default)
         ds.write_parquet(str(staging))
@@ -260,12 +269,16 @@ def _run_pipeline(ray: Any, job: EncodeJob, opts: RayOptions, manifest: Any, spa
 def _summary(job: EncodeJob, skipped_dir: Path, elapsed: float, manifest: Any, workers: int, gpus: float) -> RunSummary:
     import pyarrow.parquet as pq
 
-    rows = tokens = truncated = 0
+    rows = tokens = long_rows = vectors = 0
     for shard in sorted(job.output.glob("*.parquet")):
-        table = pq.read_table(shard, columns=["tokens", "truncated"])
+        table = pq.read_table(shard, columns=["tokens", "truncated"] + (["chunk"] if job.keep_chunks else []))
+        vectors += table.num_rows
+        if job.keep_chunks:  # count each row once: at its first chunk
+            table = table.filter(pa_compute().equal(table.column("chunk"), 0))
         rows += table.num_rows
         tokens += int(np.asarray(table.column("tokens")).sum())
-        truncated += int(np.asarray(table.column("truncated")).sum())
+        long_rows += int(np.asarray(table.column("truncated")).sum())
+    chunked = job.long_text == "chunk"
     skipped = Skipped()
     for report in sorted(skipped_dir.glob("span-*.json")):
         part = json.loads(report.read_text())
@@ -278,7 +291,7 @@ def _summary(job: EncodeJob, skipped_dir: Path, elapsed: float, manifest: Any, w
         input=str(job.input),
         rows=rows,
         tokens=tokens,
-        truncated_rows=truncated,
+        truncated_rows=0 if chunked else long_rows,
         skipped_rows=skipped.count,
         skipped_lines=skipped.lines[:MAX_LISTED],
         skipped_errors=skipped.first_errors[:10],
@@ -287,10 +300,20 @@ def _summary(job: EncodeJob, skipped_dir: Path, elapsed: float, manifest: Any, w
         docs_per_s=round(rows / max(elapsed, 1e-9), 2),
         tokens_per_s=round(tokens / max(elapsed, 1e-9), 1),
         embedding_dim=manifest.embedding_dim,
-        dtype=job.dtype,
+        output_dtype=job.output_dtype,
         engine=job.engine,
         engine_manifest_sha256=manifest.sha256,
         precision=manifest.precision,
         workers=workers,
         gpus_per_worker=gpus,
+        long_text=job.long_text if chunked else None,
+        split_rows=long_rows if chunked else None,
+        output_vectors=vectors if chunked else None,
+        ranges=str(job.int8_ranges) if job.int8_ranges else None,
     )
+
+
+def pa_compute() -> Any:
+    import pyarrow.compute as pc
+
+    return pc

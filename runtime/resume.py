@@ -27,7 +27,7 @@ from runtime.batching import BatchStats
 from runtime.readers import Record
 
 STATE_FORMAT = "instructor-encode-state/2"
-COUNTS = ("rows", "tokens", "padded_tokens", "truncated", "batches")
+COUNTS = ("rows", "tokens", "padded_tokens", "truncated", "batches", "chunks", "split_rows")
 
 
 class ResumeError(RuntimeError):
@@ -104,19 +104,25 @@ class ShardStore:
                 f"{self.shard_path(index).name}; its shards no longer match the input: pass --overwrite to start again"
             )
 
-    def save_shard(self, vectors: np.ndarray, lines: np.ndarray, ids: list[str] | None) -> Path:
-        """Write the next shard's file (not yet committed: ``commit`` records it in the state)."""
+    def save_shard(self, arrays: dict[str, np.ndarray]) -> Path:
+        """Write the next shard's file (not yet committed: ``commit`` records it in the state).
+
+        ``arrays``: ``vectors`` (float32 [n, dim]) and ``lines`` (int64 [n]), and optionally ``ids``, ``chunk``,
+        ``span``, one entry per output vector.
+        """
         path = self.shard_path(len(self.shards))
-        arrays = {"vectors": np.ascontiguousarray(vectors, dtype=np.float32), "lines": np.asarray(lines, dtype=np.int64)}
-        if ids is not None:
-            arrays["ids"] = np.asarray(ids, dtype=str)
         with atomic_writer(path) as fh:
             np.savez(fh, **arrays)
         return path
 
-    def commit(self, stats: BatchStats, input_digest: str) -> None:
-        self.shards.append({**{k: getattr(stats, k) for k in COUNTS}, "input_digest": input_digest})
+    def commit(self, stats: BatchStats, input_digest: str, vectors: int) -> None:
+        """Record the shard just saved: its counts, the digest of its records and how many vectors it holds."""
+        self.shards.append({**{k: getattr(stats, k) for k in COUNTS}, "input_digest": input_digest, "vectors": vectors})
         self._write_state()
+
+    @property
+    def vectors(self) -> int:
+        return sum(s["vectors"] for s in self.shards)
 
     def iter_shards(self) -> Iterator[dict[str, np.ndarray]]:
         """The committed shards' arrays, in input order."""
@@ -127,8 +133,8 @@ class ShardStore:
                     arrays = {name: data[name] for name in data.files}
             except (OSError, ValueError) as exc:
                 raise ResumeError(f"{path}: unreadable shard ({exc}); pass --overwrite to start again") from exc
-            if len(arrays["vectors"]) != shard["rows"]:
-                raise ResumeError(f"{path}: {len(arrays['vectors'])} rows, the state says {shard['rows']}; pass --overwrite")
+            if len(arrays["vectors"]) != shard["vectors"]:
+                raise ResumeError(f"{path}: {len(arrays['vectors'])} vectors, the state says {shard['vectors']}; pass --overwrite")
             yield arrays
 
     def temp_output(self) -> Path:

@@ -131,6 +131,14 @@ class InstructionTokenizer:
         """The largest id this tokenizer can produce (the engine's embedding table must have a row for it)."""
         return max(self._tok.get_vocab(with_added_tokens=True).values())
 
+    @property
+    def special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the post-processor puts before and after a text (BERT: [CLS] / [SEP]; T5: none / </s>)."""
+        with_special = self._tok.encode("a", add_special_tokens=True).ids
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        start = next(i for i in range(len(with_special)) if with_special[i : i + len(plain)] == plain)
+        return with_special[:start], with_special[start + len(plain) :]
+
     def with_strip(self, strip: bool) -> "InstructionTokenizer":
         """The same tokenizer with the inference (strip) or training (no strip) rule."""
         return InstructionTokenizer(self.path, self.max_seq_length, self.do_lower_case, strip)
@@ -164,6 +172,15 @@ class InstructionTokenizer:
             (0 if i is None else self._count_cache[i] for i in instructions), dtype=np.int64, count=len(instructions)
         )
 
+    @property
+    def untruncated(self) -> Tokenizer:
+        """The same Rust tokenizer without truncation (made on first use: very long texts and chunking need it)."""
+        if self._untruncated is None:
+            self._untruncated = Tokenizer.from_str(self._tok.to_str())
+            self._untruncated.no_truncation()
+            self._untruncated.no_padding()
+        return self._untruncated
+
     def bounded(self, joined: str) -> str:
         """``joined``, or a prefix of it whose first ``max_seq_length`` tokens are those of the whole string.
 
@@ -176,23 +193,30 @@ class InstructionTokenizer:
         cut = self.max_seq_length * PREFIX_CHARS_PER_TOKEN
         if len(joined) <= cut:
             return joined
-        if self._untruncated is None:
-            self._untruncated = Tokenizer.from_str(self._tok.to_str())
-            self._untruncated.no_truncation()
-            self._untruncated.no_padding()
         while cut < len(joined):
-            words = [w for w in self._untruncated.encode(joined[:cut], add_special_tokens=False).word_ids if w is not None]
+            words = [w for w in self.untruncated.encode(joined[:cut], add_special_tokens=False).word_ids if w is not None]
             final = sum(1 for w in words if w < words[-1] - 1) if words else 0
             if final > self.max_seq_length:
                 return joined[:cut]
             cut *= 4
         return joined
 
-    def encode(self, inputs: Sequence[InputItem]) -> Encoded:
-        """Token ids (unpadded) and instruction counts for a list of inputs, in input order."""
+    def encode(self, inputs: Sequence[InputItem], truncate: bool = True) -> Encoded:
+        """Token ids (unpadded) and instruction counts for a list of inputs, in input order.
+
+        ``truncate=False`` keeps every token of every text (for ``runtime.chunking``); ``truncated`` then says which
+        rows are longer than ``max_seq_length``.
+        """
         parsed = [parse_input(item, i) for i, item in enumerate(inputs)]
-        joined = [self.bounded(self.joined_text(instr, text)) for instr, text in parsed]
-        encs = self._tok.encode_batch(joined, add_special_tokens=True)
+        if truncate:
+            joined = [self.bounded(self.joined_text(instr, text)) for instr, text in parsed]
+            encs = self._tok.encode_batch(joined, add_special_tokens=True)
+        else:
+            joined = [self.joined_text(instr, text) for instr, text in parsed]
+            encs = self.untruncated.encode_batch(joined, add_special_tokens=True)
+            ids = [enc.ids for enc in encs]
+            long = np.fromiter((len(r) > self.max_seq_length for r in ids), dtype=bool, count=len(ids))
+            return Encoded(ids=ids, instruction_count=self.instruction_counts(i for i, _ in parsed), truncated=long)
         ids = [enc.ids for enc in encs]
         truncated = np.fromiter((bool(enc.overflowing) for enc in encs), dtype=bool, count=len(encs))
         counts = self.instruction_counts(instr for instr, _ in parsed)

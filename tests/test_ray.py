@@ -151,9 +151,12 @@ def test_worker_refuses_or_rebuilds_a_plan_for_another_gpu(monkeypatch, tmp_path
     monkeypatch.setattr(runtime.encoder, "Encoder", FakeEncoder)
     monkeypatch.setattr(ray_encode, "load_manifest", lambda engine: f"manifest of {engine}")
     monkeypatch.setattr(build, "rebuild_for_this_gpu", lambda manifest: rebuilt)
+    from runtime.job import EncodeJob, RayOptions
+
+    job = EncodeJob("/e/orig.plan", "in.jsonl", "out", ray=RayOptions(build_on_worker=False))
     with pytest.raises(PlanTargetMismatch, match="compute capability 8.0"):
-        ray_encode.open_worker_encoder("/e/orig.plan", "cuda", 1024, 1, build_on_worker=False)
-    ray_encode.open_worker_encoder("/e/orig.plan", "cuda", 1024, 1, build_on_worker=True)
+        ray_encode.open_worker_encoder(job, "cuda")
+    ray_encode.open_worker_encoder(EncodeJob("/e/orig.plan", "in.jsonl", "out", ray=RayOptions(build_on_worker=True)), "cuda")
     assert opened == [rebuilt]
 
 
