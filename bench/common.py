@@ -111,9 +111,8 @@ def flop_model(model: Any) -> FlopModel:
     cfg = model.auto_model.config
     skip = ("embed", "relative_attention_bias", "shared", "LayerNorm", "layer_norm")
     matmul = sum(p.numel() for n, p in model.auto_model.named_parameters() if p.dim() == 2 and not any(s in n for s in skip))
-    layers = int(getattr(cfg, "num_layers", None) or cfg.num_hidden_layers)
-    heads = int(getattr(cfg, "num_heads", None) or cfg.num_attention_heads)
-    head_dim = int(getattr(cfg, "d_kv", None) or cfg.hidden_size // heads)
+    layers, heads = int(cfg.num_hidden_layers), int(cfg.num_attention_heads)  # T5Config maps these to its own names
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)  # T5: d_kv; BERT: hidden / heads
     head = model.dense.weight.numel() if model.dense is not None else 0
     return FlopModel(int(matmul), layers, heads * head_dim, int(head))
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from export.build import PRECISIONS, ExportError, ExportOptions, export_bundle
 from export.parity import GATES, GateError
-from export.tensorrt import DEFAULT_TIMING_CACHE, MissingDependency
+from export.tensorrt import DEFAULT_TIMING_CACHE
+from runtime.deps import MissingDependency
 from runtime.bundle import EngineError
 from trainer.checkpoint import CheckpointError
 

@@ -28,9 +28,8 @@ from export.manifest import build_manifest, io_spec
 from export.onnx_graph import DEFAULT_OPSET, export_onnx, ff_width
 from export.parity import GATES, GateError, calibration_inputs, check_gate, compare, run_batches
 from export.quantize import exclusion_steps, quantize_int8
-from export.tensorrt import DEFAULT_TIMING_CACHE, MissingDependency, Profile
+from export.tensorrt import DEFAULT_TIMING_CACHE, Profile
 from runtime.atomic import atomic_write_text
-from runtime.locks import owned_temp_dir
 from runtime.bundle import (
     engine_kind,
     manifest_path,
@@ -38,6 +37,8 @@ from runtime.bundle import (
     source_onnx_path,
     tokenizer_path,
 )
+from runtime.deps import MissingDependency, install_hint
+from runtime.locks import owned_temp_dir
 from trainer.model import InstructorModel
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -201,7 +202,7 @@ def require_bf16_provider() -> None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise MissingDependency(
             "bf16 ONNX engines run on ONNX Runtime's CUDA EP and this onnxruntime has only the CPU EP, so the export "
-            "cannot be verified here: install onnxruntime-gpu (pip install 'instructor-stack[gpu]') or export a .plan"
+            f"cannot be verified here: install onnxruntime-gpu ({install_hint('gpu')}) or export a .plan"
         )
 
 

@@ -42,7 +42,7 @@ def transformer_optimized(model: InstructorModel, src: Path, dst: Path) -> Graph
 
     cfg = model.auto_model.config
     model_type = OPTIMIZER_MODEL_TYPES[model.architecture]
-    heads = int(getattr(cfg, "num_heads", None) or cfg.num_attention_heads)
+    heads = int(cfg.num_attention_heads)  # T5Config maps it to num_heads
     optimized = optimize_model(
         str(src), model_type=model_type, num_heads=heads, hidden_size=model.hidden_size, opt_level=0, use_gpu=False
     )

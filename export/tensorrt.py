@@ -11,28 +11,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from runtime.backends.cuda import current_device
 from runtime.backends.tensorrt_build import DEFAULT_TIMING_CACHE, Profile, build_plan
+from runtime.deps import MissingDependency, install_hint, require
 
-__all__ = ["DEFAULT_TIMING_CACHE", "INSTALL_HINT", "MissingDependency", "Profile", "build_plan", "plan_backend", "require_tensorrt"]
-
-INSTALL_HINT = "pip install 'instructor-stack[gpu]'"
-
-
-class MissingDependency(RuntimeError):
-    """An optional dependency that this export needs is not installed; the message says what to install."""
+__all__ = ["DEFAULT_TIMING_CACHE", "Profile", "build_plan", "plan_backend", "require_tensorrt"]
 
 
 def require_tensorrt() -> Any:
+    """TensorRT and a usable CUDA GPU, or ``MissingDependency`` saying what is missing (before the slow part)."""
+    trt = require("tensorrt", "gpu", ".plan engines")
     try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise MissingDependency(f"TensorRT is not installed ({exc}); for .plan engines run: {INSTALL_HINT}") from exc
-    try:
-        from runtime.backends.tensorrt_build import current_device
-
         current_device()
     except RuntimeError as exc:
-        raise MissingDependency(f"TensorRT engines need a CUDA GPU and cuda-python ({exc}; {INSTALL_HINT})") from exc
+        raise MissingDependency(f".plan engines need a usable CUDA GPU ({exc}; {install_hint('gpu')})") from exc
     return trt
 
 

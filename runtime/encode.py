@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from runtime.atomic import publish
 from runtime.bundle import EngineError
 from runtime.chunking import LONG_TEXT, POOLING
+from runtime.deps import MissingDependency
 from runtime.encoder import Encoder, Window
 from runtime.job import CHUNK_OUTPUT, DEVICES, ON_ERROR, EncodeJob, RayOptions, RunSummary
 from runtime.locks import ExclusiveLock, LockHeld
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None, on_point: PointHook | None = None) -> in
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    except (EngineError, ResumeError, LockHeld, FileExistsError, ValueError) as exc:
+    except (EngineError, MissingDependency, ResumeError, LockHeld, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SETUP
     except OSError as exc:

@@ -31,6 +31,7 @@ import numpy as np
 
 from runtime.atomic import atomic_write_text
 from runtime.bundle import EngineError, load_manifest, tokenizer_path
+from runtime.deps import require
 from runtime.job import EncodeJob, RayOptions, RunSummary
 from runtime.locks import owned_temp_dir
 from runtime.output_dtype import load_ranges
@@ -38,18 +39,13 @@ from runtime.readers import MAX_LISTED, InputError, ReaderOptions, Skipped, Span
 from runtime.tokenization import Encoded, InstructionTokenizer
 from runtime.writers import embedding_array
 
-RAY_INSTALL_HINT = "the --ray path needs Ray Data: pip install 'instructor-stack[dist]'"
 READ_BLOCK_ROWS = 4096
 SKIPPED_DIR = "skipped"
 
 
 def _ray():
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as exc:
-        raise EngineError(RAY_INSTALL_HINT) from exc
-    return ray
+    require("ray.data", "dist", "the --ray path (Ray Data)")
+    return require("ray", "dist", "the --ray path (Ray Data)")
 
 
 def _pa():

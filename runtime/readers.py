@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from runtime.deps import require
 from runtime.tokenization import has_lone_surrogate
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
@@ -309,10 +310,7 @@ def _csv_rows(path: Path, opts: ReaderOptions) -> Iterator[Record | InputError]:
 
 def _parquet_rows(path: Path, opts: ReaderOptions, span: Span | None = None) -> Iterator[Record | InputError]:
     """Rows in file order, read a record batch at a time; ``line`` is the 1-based row number."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise InputError(path, None, None, "reading .parquet needs pyarrow: pip install 'instructor-stack[io]'") from exc
+    pq = require("pyarrow.parquet", "io", "reading .parquet")
     try:
         pfile = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a non-parquet file

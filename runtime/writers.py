@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from runtime.deps import require
 from runtime.output_dtype import quantize, storage_dtype, stored_dim
 
 OUTPUT_FORMATS = (".npy", ".parquet")
@@ -36,12 +37,7 @@ def check_output(path: Path, with_ids: bool, with_chunks: bool = False) -> None:
 
 
 def _pyarrow():
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise ValueError("writing .parquet needs pyarrow: pip install 'instructor-stack[io]'") from exc
-    return pa, pq
+    return require("pyarrow", "io", "writing .parquet"), require("pyarrow.parquet", "io", "writing .parquet")
 
 
 def write_output(

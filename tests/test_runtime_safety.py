@@ -276,3 +276,19 @@ def test_disk_errors_end_in_a_message_and_the_same_command_resumes(tiny_engine, 
     assert encode.main(args) == 0
     assert json.loads(summary_path(out).read_text())["resumed_rows"] == 16
     np.testing.assert_allclose(np.load(out), reference(tiny_engine, texts(30, "alpha")), atol=1e-6, rtol=0)
+
+
+# -- optional dependencies: one exception, one message, exit 2 --------------------------------------------------------
+
+
+def test_a_missing_optional_package_names_its_extra(tiny_engine, tmp_path, capsys, monkeypatch):
+    from runtime.deps import MissingDependency, require
+
+    with pytest.raises(MissingDependency, match=r"frobnicating needs no_such_pkg .*pip install 'instructor-stack\[io\]'"):
+        require("no_such_pkg.sub", "io", "frobnicating")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    src = write_jsonl(tmp_path / "d.jsonl", ["x"])
+    rc = encode.main(["--engine", str(tiny_engine), "--input", str(src), "--output", str(tmp_path / "o.parquet"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "writing .parquet needs pyarrow" in err and "pip install 'instructor-stack[io]'" in err

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.backends.tensorrt import _cudart, build_target, check_build_target
+from runtime.backends.tensorrt import build_target, check_build_target
 from runtime.bundle import EngineError, Manifest
 
 
@@ -38,10 +38,14 @@ def test_plan_for_other_tensorrt_or_gpu_is_refused():
 
 def _gpu_or_skip() -> None:
     pytest.importorskip("tensorrt", reason="TensorRT is not installed")
-    cudart = _cudart()
-    if cudart is None:
+    from runtime.backends.cuda import cudart
+    from runtime.deps import MissingDependency
+
+    try:
+        runtime_api = cudart()
+    except MissingDependency:
         pytest.skip("cuda-python is not installed")
-    err, count = cudart.cudaGetDeviceCount()
+    err, count = runtime_api.cudaGetDeviceCount()
     if int(err) != 0 or count < 1:
         pytest.skip("no CUDA GPU")
 
@@ -53,7 +57,7 @@ def test_plan_matches_golden_vectors(tmp_path, golden_inputs, golden_vectors):
     from runtime.encoder import Encoder
     from tests.conftest import TINY
 
-    from export.tensorrt import MissingDependency
+    from runtime.deps import MissingDependency
 
     plan = tmp_path / "tiny.plan"
     try:

@@ -92,7 +92,7 @@ class InstructorModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         cfg = self.auto_model.config
-        return int(getattr(cfg, "d_model", None) or cfg.hidden_size)
+        return int(cfg.hidden_size)  # T5Config maps hidden_size to d_model
 
     @property
     def embedding_dim(self) -> int:
@@ -107,7 +107,7 @@ class InstructorModel(nn.Module):
         """Load a sentence-transformers folder (hkunlp layout, upstream-trainer layout, or BERT-family)."""
         layout = read_layout(folder)
         encoder = _load_encoder(layout.transformer_dir)
-        hidden = int(getattr(encoder.config, "d_model", None) or encoder.config.hidden_size)
+        hidden = int(encoder.config.hidden_size)
         tokenizer = InstructionTokenizer(
             layout.transformer_dir / "tokenizer.json", layout.max_seq_length, layout.do_lower_case
         )

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.backends.cuda import device_index
 from runtime.bundle import INPUT_NAMES, OUTPUT_NAME, EngineError, Manifest
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -43,10 +44,6 @@ def _session_options(opts: OnnxOptions):  # -> ort.SessionOptions
     return so
 
 
-def _cuda_device_id(device: str | None) -> int:
-    return int(device.split(":", 1)[1]) if device and ":" in device else 0
-
-
 class OnnxBackend:
     """One ``InferenceSession`` over the bundle's ``.onnx`` file."""
 
@@ -61,7 +58,7 @@ class OnnxBackend:
                 f"{manifest.engine}: device={device!r} needs onnxruntime-gpu with CUDA (this onnxruntime has {available})"
             )
         use_cuda = want_cuda or (device is None and "CUDAExecutionProvider" in available)
-        self.device_id = _cuda_device_id(device)
+        self.device_id = device_index(device)
         providers: list = ["CPUExecutionProvider"]
         if use_cuda:
             providers = [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]

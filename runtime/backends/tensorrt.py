@@ -11,28 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from runtime.backends.cuda import DeviceBuffer, check, cudart, current_device, device_index
 from runtime.bundle import INPUT_NAMES, OUTPUT_NAME, EngineError, Manifest, source_onnx_path
-
-INSTALL_HINT = "pip install 'instructor-stack[gpu]' (tensorrt, cuda-python)"
-
-
-def _cudart() -> Any:
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            return None
-    return cudart
-
-
-def _check(result: Any, what: str) -> Any:
-    """cuda-python returns ``(err, *values)``; raise on an error, return the value(s)."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA {what} failed: {err}")
-    return values[0] if len(values) == 1 else tuple(values)
+from runtime.deps import require
 
 
 def build_target(manifest: Manifest) -> tuple[str, str]:
@@ -65,44 +46,15 @@ def check_build_target(manifest: Manifest, trt_version: str, compute_capability:
         )
 
 
-class _DeviceBuffer:
-    """A CUDA allocation that grows when a larger batch arrives (never shrinks)."""
-
-    def __init__(self, cudart: Any) -> None:
-        self.cudart = cudart
-        self.ptr = 0
-        self.nbytes = 0
-
-    def ensure(self, nbytes: int) -> int:
-        if nbytes > self.nbytes:
-            self.free()
-            self.ptr = int(_check(self.cudart.cudaMalloc(nbytes), "cudaMalloc"))
-            self.nbytes = nbytes
-        return self.ptr
-
-    def free(self) -> None:
-        if self.ptr:
-            _check(self.cudart.cudaFree(self.ptr), "cudaFree")
-            self.ptr, self.nbytes = 0, 0
-
-
 class TensorRTBackend:
     """Runs a TensorRT 10 engine with dynamic batch and sequence (one optimization profile)."""
 
     def __init__(self, manifest: Manifest, device: str | None = None) -> None:
+        trt = require("tensorrt", "gpu", f"{manifest.engine}: a TensorRT engine")
+        self.cudart = cudart()
+        self.device_id = device_index(device)
         try:
-            import tensorrt as trt
-        except ImportError as exc:
-            raise EngineError(f"{manifest.engine}: TensorRT is not installed ({INSTALL_HINT})") from exc
-        cudart = _cudart()
-        if cudart is None:
-            raise EngineError(f"{manifest.engine}: cuda-python is not installed ({INSTALL_HINT})")
-        self.cudart = cudart
-        self.device_id = int(device.split(":", 1)[1]) if device and ":" in device else 0
-        from runtime.backends.tensorrt_build import current_device
-
-        try:
-            _check(cudart.cudaSetDevice(self.device_id), "cudaSetDevice")
+            check(self.cudart.cudaSetDevice(self.device_id), "cudaSetDevice")
             target = current_device(self.device_id)
         except RuntimeError as exc:
             raise EngineError(f"{manifest.engine}: no usable CUDA GPU {self.device_id} ({exc})") from exc
@@ -126,13 +78,13 @@ class TensorRTBackend:
         # the profile's max batch: the batch planner must not exceed it
         _, _, max_shape = self.engine.get_tensor_profile_shape(self.input_names[0], 0)
         self.max_rows = int(max_shape[0])
-        self.stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self.buffers = {name: _DeviceBuffer(cudart) for name in names}
+        self.stream = check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.buffers = {name: DeviceBuffer() for name in names}
         self.device = "cuda"
         self.name = f"tensorrt:{trt.__version__}"
 
     def _copy(self, dst: int, src: int, nbytes: int, kind: Any) -> None:
-        _check(self.cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream), "cudaMemcpyAsync")
+        check(self.cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream), "cudaMemcpyAsync")
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         kinds = self.cudart.cudaMemcpyKind
@@ -150,7 +102,7 @@ class TensorRTBackend:
             raise RuntimeError("TensorRT execute_async_v3 failed")
         self._copy(out.ctypes.data, out_ptr, out.nbytes, kinds.cudaMemcpyDeviceToHost)
         # host arrays must outlive the async copies: synchronize before they go out of scope
-        _check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return out.astype(np.float32, copy=False)
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.atomic import atomic_write_bytes, atomic_write_text
+from runtime.backends.cuda import current_device
 from runtime.bundle import (
     INPUT_NAMES,
     Manifest,
@@ -55,18 +56,6 @@ class Profile:
     def from_dict(cls, data: dict[str, Any]) -> "Profile":
         ids = data["input_ids"]
         return cls(max_batch=ids["max"][0], opt_batch=ids["opt"][0], max_seq=ids["max"][1], opt_seq=ids["opt"][1])
-
-
-def current_device(device_id: int = 0) -> dict[str, str]:
-    """Compute capability ("major.minor") and name of a CUDA GPU, through cuda-python (no torch)."""
-    from runtime.backends.tensorrt import _check, _cudart
-
-    cudart = _cudart()
-    if cudart is None:
-        raise RuntimeError("cuda-python is not installed: pip install 'instructor-stack[gpu]'")
-    props = _check(cudart.cudaGetDeviceProperties(device_id), "cudaGetDeviceProperties")
-    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-    return {"compute_capability": f"{props.major}.{props.minor}", "device_name": name.rstrip("\x00")}
 
 
 def build_plan(onnx_path: Path, plan_path: Path, profile: Profile, timing_cache: Path, tf32: bool) -> dict[str, Any]:
