@@ -50,7 +50,7 @@ FALLBACK_CORPUS = [
 def load_corpus(paths: Sequence[str | Path] | None, n_docs: int, seed: int = 0) -> tuple[list[str], str]:
     """``n_docs`` texts sampled (seeded) from data folders or files, or the built-in fallback corpus repeated.
 
-    A folder in the layout of ``/work/shared/data`` gives SciFact abstracts (``title + " " + text``) plus the
+    A data folder (``DATA_DIR``, the layout of docs/evaluation.md) gives SciFact abstracts (``title + " " + text``) plus the
     STS test sentences; a ``.jsonl`` file gives its ``text`` / ``sentence1`` / ``sentence2`` fields; a ``.txt``
     file one text per line.
     """

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["base", "minilm"], choices=MODELS, help="model shapes (seeded random T5) and/or the real MiniLM. Default: base minilm")
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), help="runtime engine precisions. Default: fp32 int8")
-    p.add_argument("--data", nargs="*", default=[], help="data folders (layout of /work/shared/data) or .jsonl/.txt files; none: built-in corpus")
+    p.add_argument("--data", nargs="*", default=[], help="data folders (DATA_DIR, the layout of docs/evaluation.md) or .jsonl/.txt files; none: built-in corpus")
     p.add_argument("--docs", type=int, default=1000, help="texts in the corpus. Default: 1000")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported). Default: 5")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for every contender. Default: 32")

@@ -72,8 +72,8 @@ def make_t5_base(folder: Path, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", type=Path, help="MEDI data file or folder, e.g. /work/shared/data/medi")
-    p.add_argument("--eval-data", type=Path, default=Path("/work/shared/data"), help="local MTEB data (layout of /work/shared/data)")
+    p.add_argument("data", type=Path, help="MEDI data file or folder, e.g. DATA_DIR/medi")
+    p.add_argument("--eval-data", type=Path, required=True, help="DATA_DIR: local evaluation data in the layout of docs/evaluation.md")
     p.add_argument("--out", type=Path, default=Path("results/train_minilm"), help="output folder. Default: results/train_minilm")
     p.add_argument("--steps", type=int, default=300, help="training steps of MiniLM. Default: 300")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step. Default: 32")
