@@ -2,7 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := train,export,eval,dist,dev
+EXTRAS := train,export,eval,dist,serve,dev
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)

@@ -254,14 +254,20 @@ class Encoder:
             worker.join()
 
     def encode_tokenized(
-        self, encoded: Encoded, batch_size: int = 32, max_tokens: int | None = None, keep_chunks: bool = False
+        self,
+        encoded: Encoded,
+        batch_size: int = 32,
+        max_tokens: int | None = None,
+        keep_chunks: bool = False,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> Window[int]:
         """Vectors (in the given row order) of rows tokenized elsewhere, e.g. in a separate pipeline stage.
 
         With ``long_text="chunk"`` the rows must be tokenized whole (``tokenizer.encode(..., truncate=False)``).
+        ``on_batch(rows, tokens)`` is called after every engine batch (the server's per-batch metrics).
         """
         prepared = self._plan(list(range(len(encoded.ids))), encoded, self._max_rows(batch_size), int(max_tokens or self.max_tokens))
-        return self._run(prepared, None, keep_chunks)
+        return self._run(prepared, on_batch, keep_chunks)
 
     def _max_rows(self, batch_size: int) -> int:
         if batch_size < 1:

@@ -1,0 +1,106 @@
+"""``python -m runtime.serve --engine PATH``: serve an engine bundle over HTTP (OpenAI and text-embeddings-inference APIs).
+
+Endpoints: POST /v1/embeddings (OpenAI), POST /embed (text-embeddings-inference), GET /health, GET /info,
+GET /metrics (Prometheus), GET /v1/models. Items are strings, [instruction, text] or [instruction, text, k], as
+INSTRUCTOR.encode takes them; one inference thread batches the items of all waiting requests together.
+
+Exit codes: 0 after a clean shutdown (SIGTERM or SIGINT: stop accepting, answer every accepted request, exit),
+2 for bad arguments or an engine that cannot be opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from runtime.bundle import EngineError
+from runtime.deps import MissingDependency, require
+from runtime.serve.config import ServeConfig, load_instructions
+
+log = logging.getLogger("uvicorn.error")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = ServeConfig(engine=Path("."))
+    p = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", required=True, type=Path, help="engine bundle to serve (.onnx, .plan, ...: what python -m export wrote)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface. Default: 127.0.0.1")
+    p.add_argument("--port", type=int, default=8080, help="Default: 8080")
+    p.add_argument("--api-key", default=os.environ.get("INSTRUCTOR_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health. Default: $INSTRUCTOR_API_KEY, else none")
+    p.add_argument("--model-name", default="", help="the model name responses report. Default: the engine file's name without extension")
+    p.add_argument("--instructions", type=Path,
+                   help='JSON file of named instructions, e.g. {"query": "Represent the question for retrieving supporting documents: "}; '
+                   "requests pick one with instruction_name (/v1/embeddings) or prompt_name (/embed)")
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help=f"real tokens per engine pool and padded tokens per batch (the planner's budget). Default: {d.max_batch_tokens}")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help=f"rows per engine batch. Default: {d.max_batch_size}")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help="longest time a request waits for others to fill its batch; a lone client never waits. "
+                   f"Default: {d.max_wait_ms}")
+    p.add_argument("--max-padding", type=float, default=d.max_padding,
+                   help=f"share of a batch that may be padding before the planner cuts it. Default: {d.max_padding}")
+    p.add_argument("--max-queue-tokens", type=int, default=d.max_queue_tokens,
+                   help=f"tokens that may wait for the engine; past it requests get 429 + Retry-After. Default: {d.max_queue_tokens}")
+    p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+                   help=f"embedding requests in progress at once; past it 429 (bounds memory with --payload-limit). Default: {d.max_concurrent_requests}")
+    p.add_argument("--max-request-items", type=int, default=d.max_request_items,
+                   help=f"items in one request; past it 413. Default: {d.max_request_items}")
+    p.add_argument("--payload-limit", type=int, default=d.payload_limit, help=f"request body bytes; past it 413. Default: {d.payload_limit}")
+    p.add_argument("--tokenization-workers", type=int, default=d.tokenization_workers,
+                   help=f"threads that parse and tokenize requests off the event loop. Default: {d.tokenization_workers}")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core). Default: 0")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N. Default: the engine's natural device")
+    p.add_argument("--graceful-timeout", type=float, default=None,
+                   help="seconds to wait for accepted requests at shutdown before cancelling them. Default: wait until all are answered")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="Default: info")
+    p.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs throughput)")
+    return p.parse_args(argv)
+
+
+def _stop_now(_sig: int, _frame: object) -> None:
+    """SIGTERM/SIGINT outside uvicorn's own handling (while loading, or re-raised by uvicorn after a clean shutdown)."""
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        uvicorn = require("uvicorn", "serve", "python -m runtime.serve")
+        require("starlette", "serve", "python -m runtime.serve")
+        from runtime.serve.app import create_app, open_encoder
+
+        instructions = load_instructions(args.instructions) if args.instructions else {}
+        config = ServeConfig(
+            engine=args.engine, model_name=args.model_name, api_key=args.api_key or None, instructions=instructions,
+            max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+            max_padding=args.max_padding, max_queue_tokens=args.max_queue_tokens,
+            max_concurrent_requests=args.max_concurrent_requests, max_request_items=args.max_request_items,
+            payload_limit=args.payload_limit, tokenization_workers=args.tokenization_workers, threads=args.threads,
+            device=args.device,
+        )
+        signal.signal(signal.SIGTERM, _stop_now)
+        signal.signal(signal.SIGINT, _stop_now)
+        encoder = open_encoder(config)  # before listening: a bad engine is a clear error, not a failed start-up
+    except (MissingDependency, EngineError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    fast = {"loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+            "http": "httptools" if importlib.util.find_spec("httptools") else "h11"}
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(config, lambda: encoder), host=args.host, port=args.port, log_level=args.log_level,
+        access_log=args.access_log, timeout_graceful_shutdown=args.graceful_timeout, lifespan="on", **fast,
+    ))
+    log.info("serving %s (%s, dim %d, %s) on http://%s:%d", config.served_name, encoder.manifest.precision,
+             encoder.embedding_dim, encoder.backend.name, args.host, args.port)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

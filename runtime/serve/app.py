@@ -1,0 +1,232 @@
+"""The Starlette application: routes, the life of the engine and its batcher, and what each request goes through.
+
+A request to an embedding endpoint: a slot among ``max_concurrent_requests`` (else 429), the body read up to
+``payload_limit`` (else 413), then JSON parsing, validation and tokenization in a small thread pool (never on the
+event loop), then the shared batcher (429 with ``Retry-After`` when too many tokens wait), then the response.
+``GET /health`` is 200 only between the warm-up batch at start and the start of shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata as md
+import platform
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+import numpy as np
+import orjson
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from runtime.encoder import Encoder
+from runtime.serve.batcher import Batcher, QueueFull, ShuttingDown
+from runtime.serve.config import ServeConfig
+from runtime.serve.errors import EXCEPTION_HANDLERS, ApiError, error_response
+from runtime.serve.metrics import Metrics
+from runtime.serve.middleware import ApiKeyMiddleware, MetricsMiddleware
+from runtime.serve.output import openai_body, tei_body
+from runtime.serve.requests import EmbedRequest, parse_json, parse_openai, parse_tei
+from runtime.tokenization import Encoded
+
+Parser = Callable[[Any, dict[str, str], int, int], EmbedRequest]
+WARM_UP_INPUT = [["Represent the sentence for warming up: ", "The server is starting."]]
+OFF_LOOP_VALUES = 65536  # responses with more values than this are serialized in the thread pool
+OPEN_PATHS = frozenset({"/health"})  # no API key needed: load balancers and orchestrators probe it
+
+
+def open_encoder(config: ServeConfig) -> Encoder:
+    """The engine as ``config`` says; ONNX-only options are passed only when set, so any engine kind opens."""
+    options: dict[str, Any] = {"intra_op_threads": config.threads} if config.threads else {}
+    return Encoder(config.engine, device=config.device, max_tokens=config.max_batch_tokens, max_padding=config.max_padding, **options)
+
+
+class Service:
+    """The engine, its batcher, the tokenizer threads and the metrics of one running server."""
+
+    def __init__(self, config: ServeConfig, opener: Callable[[], Encoder]) -> None:
+        self.config = config
+        self.opener = opener
+        self.metrics = Metrics()
+        self.encoder: Encoder | None = None
+        self.batcher: Batcher | None = None
+        self.pool = ThreadPoolExecutor(config.tokenization_workers, thread_name_prefix="serve-tokenizer")
+        self.state = "loading"  # -> "ready" -> "draining" -> "stopped"
+        self.in_flight = 0
+
+    # -- life --------------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.encoder = await loop.run_in_executor(self.pool, self.opener)
+        c = self.config
+        self.batcher = Batcher(self.encoder, self.metrics, c.max_batch_size, c.max_batch_tokens, c.max_wait_ms, c.max_queue_tokens)
+        self.batcher.start()
+        warm = await loop.run_in_executor(self.pool, self.encoder.tokenizer.encode, WARM_UP_INPUT)
+        await asyncio.wrap_future(self.batcher.submit(warm))
+        self.state = "ready"
+
+    async def stop(self) -> None:
+        """After uvicorn has answered every accepted request: stop the batcher (it drains first) and the engine."""
+        self.state = "draining"
+        if self.batcher is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
+        if self.encoder is not None:
+            self.encoder.close()
+        self.pool.shutdown(wait=False)
+        self.state = "stopped"
+
+    # -- routes ------------------------------------------------------------------------------------------------------
+
+    async def openai_embeddings(self, request: Request) -> Response:
+        req, encoded, vectors = await self._embed(request, parse_openai)
+        tokens = int(encoded.lengths.sum())
+        body = await self._serialize(vectors, openai_body, vectors, req.encoding_format, self.config.served_name, tokens)
+        return Response(body, media_type="application/json")
+
+    async def tei_embed(self, request: Request) -> Response:
+        req, _, vectors = await self._embed(request, parse_tei)
+        if req.normalize and not self._engine_normalizes:
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.float32(1e-12))
+        return Response(await self._serialize(vectors, tei_body, vectors), media_type="application/json")
+
+    async def health(self, _request: Request) -> Response:
+        if self.state == "ready" and self.batcher is not None and self.batcher.alive:
+            return Response(b'{"status":"ok"}', media_type="application/json")
+        why = {"loading": "the engine is loading", "draining": "the server is shutting down"}.get(self.state, "the inference thread has stopped")
+        return error_response(503, why, "unavailable")
+
+    async def info(self, _request: Request) -> Response:
+        assert self.encoder is not None
+        manifest = self.encoder.manifest
+        body = {
+            "model": self.config.served_name,
+            "engine": str(self.config.engine),
+            "embedding_dim": self.encoder.embedding_dim,
+            "max_seq_length": self.encoder.max_seq_length,
+            "precision": manifest.precision,
+            "architecture": manifest.data.get("architecture"),
+            "normalized": self._engine_normalizes,
+            "backend": self.encoder.backend.name,
+            "device": self.encoder.device,
+            "instruction_rules": manifest.data.get("instruction_rules"),
+            "instructions": sorted(self.config.instructions),
+            "limits": self.config.limits(),
+            "auth": self.config.api_key is not None,
+            "versions": _versions(),
+        }
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    async def models(self, _request: Request) -> Response:
+        body = {"object": "list", "data": [{"id": self.config.served_name, "object": "model", "owned_by": "instructor-stack"}]}
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    async def metrics_text(self, _request: Request) -> Response:
+        text, content_type = self.metrics.render()
+        return Response(text, headers={"Content-Type": content_type})
+
+    # -- one embedding request ---------------------------------------------------------------------------------------
+
+    @property
+    def _engine_normalizes(self) -> bool:
+        return self.encoder is not None and bool(self.encoder.manifest.data.get("normalize", True))
+
+    async def _embed(self, request: Request, parser: Parser) -> tuple[EmbedRequest, Encoded, np.ndarray]:
+        if self.batcher is None or self.state != "ready":
+            raise ApiError(503, "the server is not ready (loading or shutting down)", "unavailable")
+        if self.in_flight >= self.config.max_concurrent_requests:
+            raise ApiError(429, f"{self.in_flight} requests in progress (limit {self.config.max_concurrent_requests}, "
+                           "--max-concurrent-requests); retry later", "too_many_requests", headers={"Retry-After": "1"})
+        self.in_flight += 1
+        self.metrics.in_progress.set(self.in_flight)
+        try:
+            with self.batcher.arriving():
+                body = await _read_body(request, self.config.payload_limit)
+                loop = asyncio.get_running_loop()
+                req, encoded = await loop.run_in_executor(self.pool, self._prepare, body, parser)
+            try:
+                future = self.batcher.submit(encoded)
+            except QueueFull as exc:
+                raise ApiError(429, f"server overloaded: {exc}; retry after {exc.retry_after} s", "queue_full",
+                               headers={"Retry-After": str(exc.retry_after)}) from exc
+            except ShuttingDown as exc:
+                raise ApiError(503, str(exc), "unavailable") from exc
+            vectors = await asyncio.wrap_future(future)
+            return req, encoded, vectors
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_progress.set(self.in_flight)
+
+    def _prepare(self, body: bytes, parser: Parser) -> tuple[EmbedRequest, Encoded]:
+        """In a tokenizer thread: JSON, validation and tokenization of one request."""
+        assert self.encoder is not None
+        req = parser(parse_json(body), self.config.instructions, self.encoder.embedding_dim, self.config.max_request_items)
+        if not req.normalize and self._engine_normalizes:
+            raise ApiError(400, "normalize=false is not available: this engine L2-normalizes inside its graph", "invalid_value", "normalize")
+        encoded = self.encoder.tokenizer.encode(req.items)
+        if not req.truncate and encoded.truncated.any():
+            i = int(np.flatnonzero(encoded.truncated)[0])
+            raise ApiError(413, f"inputs[{i}] is longer than the model's max_seq_length of {self.encoder.max_seq_length} tokens "
+                           "(send truncate=true to cut it, as the reference does)", "input_too_long", "inputs")
+        return req, encoded
+
+    async def _serialize(self, vectors: np.ndarray, fn: Callable[..., bytes], *args: Any) -> bytes:
+        if vectors.size <= OFF_LOOP_VALUES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length", "")
+    too_big = ApiError(413, f"request body over the payload limit of {limit} bytes (--payload-limit)", "payload_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("instructor-stack", "onnxruntime", "tokenizers", "numpy", "starlette", "uvicorn"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def create_app(config: ServeConfig, opener: Callable[[], Encoder] | None = None) -> Starlette:
+    """The ASGI app; ``opener`` returns the engine (default: ``open_encoder(config)``), called at startup."""
+    service = Service(config, opener or (lambda: open_encoder(config)))
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        await service.start()
+        yield
+        await service.stop()
+
+    routes = [
+        Route("/v1/embeddings", service.openai_embeddings, methods=["POST"]),
+        Route("/embed", service.tei_embed, methods=["POST"]),
+        Route("/v1/models", service.models, methods=["GET"]),
+        Route("/health", service.health, methods=["GET"]),
+        Route("/info", service.info, methods=["GET"]),
+        Route("/metrics", service.metrics_text, methods=["GET"]),
+    ]
+    middleware = [
+        Middleware(MetricsMiddleware, metrics=service.metrics, endpoints=frozenset(r.path for r in routes)),
+        Middleware(ApiKeyMiddleware, api_key=config.api_key, open_paths=OPEN_PATHS),
+    ]
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.state.service = service
+    return app

@@ -1,0 +1,270 @@
+"""Dynamic batching: one inference thread runs the items of every waiting request through the engine together.
+
+A request's items, already tokenized, enter one shared queue as a *job*. The inference thread repeatedly takes a
+*pool* of rows from the waiting jobs and hands it to ``Encoder.encode_tokenized``, which cuts it into length-sorted,
+padded batches with the runtime's token-budget planner (``runtime.batching``); each row's vector goes back to its
+request, in the request's order, and a request is answered when its last row is done.
+
+- Pool: at most ``max_batch_size`` rows and ``max_batch_tokens`` real tokens (one row always fits). Jobs are taken
+  first come, first served, but in a first pass each job gives at most half a pool; the rest of the pool is then
+  filled in the same order. So a 1,000-item request takes about half of every pool while others wait, and a 1-item
+  request behind it is in the next pool: neither starves.
+- Waiting: a pool starts at once when it is full. Otherwise the thread waits for more rows only while more are on
+  their way (a request is being read or tokenized, or fewer requests wait than took part in the previous pool),
+  and never longer than ``max_wait_ms`` after the oldest waiting job arrived. A lone client thus never waits, and
+  concurrent clients fill the batches.
+- Backpressure: ``submit`` refuses a job (``QueueFull``, with a retry delay from the measured token rate) when the
+  tokens waiting would pass ``max_queue_tokens``; a job that arrives at an empty queue is always taken, so a large
+  request is slow rather than refused forever.
+- Shutdown: ``close`` refuses new jobs, runs every job already taken, then stops the thread.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from runtime.encoder import Encoder
+from runtime.serve.metrics import Metrics
+from runtime.tokenization import Encoded
+
+
+class QueueFull(Exception):
+    """Too many tokens are waiting; ``retry_after`` (seconds) is an estimate of when there will be room."""
+
+    def __init__(self, queued: int, limit: int, retry_after: int) -> None:
+        super().__init__(f"{queued} tokens are waiting for the engine (limit {limit}, --max-queue-tokens)")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    """The batcher no longer takes jobs (shutting down, or its inference thread has stopped)."""
+
+
+@dataclass(eq=False)
+class _Job:
+    encoded: Encoded
+    lengths: np.ndarray
+    vectors: np.ndarray
+    future: Future
+    enqueued: float
+    next_row: int = 0  # rows before this one have been taken into a pool
+    done: int = 0  # rows whose vectors are in ``vectors``
+    started: bool = False
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+
+@dataclass
+class _Pool:
+    spans: list[tuple[_Job, int, int]] = field(default_factory=list)  # (job, first row, end row)
+    rows: int = 0
+    tokens: int = 0
+
+
+class Batcher:
+    """The shared queue and its one inference thread (see the module doc)."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        metrics: Metrics,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 16384,
+        max_wait_ms: float = 5.0,
+        max_queue_tokens: int = 262144,
+    ) -> None:
+        engine_rows = encoder.backend.max_rows
+        self.encoder = encoder
+        self.metrics = metrics
+        self.max_rows = min(max_batch_size, engine_rows) if engine_rows else max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue_tokens = max_queue_tokens
+        self._cond = threading.Condition()
+        self._pending: deque[_Job] = deque()
+        self._queued_rows = 0
+        self._queued_tokens = 0
+        self._arriving = 0
+        self._last_pool_jobs = 0
+        self._tokens_per_s = 0.0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="serve-inference", daemon=True)
+
+    # -- the request side (event loop thread) ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around reading and tokenizing a request: tells the inference thread that more rows are coming."""
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= 1
+                self._cond.notify_all()
+
+    def submit(self, encoded: Encoded) -> Future:
+        """Queue one request's rows; the future's result is their float32 ``[rows, dim]`` vectors, in order."""
+        lengths = encoded.lengths
+        tokens = int(lengths.sum())
+        job = _Job(encoded, lengths, np.empty((len(lengths), self.encoder.embedding_dim), np.float32), Future(), time.monotonic())
+        with self._cond:
+            if self._stopping or not self._thread.is_alive():
+                raise ShuttingDown("the server is shutting down")
+            if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
+                raise QueueFull(self._queued_tokens, self.max_queue_tokens, self._retry_after())
+            if not job.rows:
+                job.future.set_result(job.vectors)
+                return job.future
+            self._pending.append(job)
+            self._queued_rows += job.rows
+            self._queued_tokens += tokens
+            self._publish_queue()
+            self._cond.notify_all()
+        return job.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new jobs, finish the queued ones, stop the inference thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the inference thread -------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while (pool := self._next_pool()) is not None:
+            self._run(pool)
+
+    def _next_pool(self) -> _Pool | None:
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            deadline = self._pending[0].enqueued + self.max_wait
+            while not self._stopping and not self._full() and self._more_coming():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return self._take()
+
+    def _full(self) -> bool:
+        return self._queued_rows >= self.max_rows or self._queued_tokens >= self.max_batch_tokens
+
+    def _more_coming(self) -> bool:
+        return self._arriving > 0 or len(self._pending) < self._last_pool_jobs
+
+    def _take(self) -> _Pool:
+        """Rows for one pool: first come, first served, each job at most half a pool in the first pass."""
+        spans: dict[_Job, list[int]] = {}
+        rows = tokens = 0
+        for cap in (max(1, self.max_rows // 2), self.max_rows):
+            for job in self._pending:
+                if rows >= self.max_rows:
+                    break
+                span = spans.setdefault(job, [job.next_row, job.next_row])
+                while span[1] < job.rows and span[1] - span[0] < cap and rows < self.max_rows:
+                    length = int(job.lengths[span[1]])
+                    if rows and tokens + length > self.max_batch_tokens:
+                        break
+                    span[1] += 1
+                    rows += 1
+                    tokens += length
+        pool = _Pool(rows=rows, tokens=tokens)
+        now = time.monotonic()
+        for job, (start, stop) in spans.items():
+            if stop == start:
+                continue
+            job.next_row = stop
+            pool.spans.append((job, start, stop))
+            if not job.started:
+                job.started = True
+                self.metrics.queue_time.observe(now - job.enqueued)
+        self._pending = deque(j for j in self._pending if j.next_row < j.rows)
+        self._queued_rows -= rows
+        self._queued_tokens -= tokens
+        self._last_pool_jobs = len(pool.spans)
+        self._publish_queue()
+        return pool
+
+    def _run(self, pool: _Pool) -> None:
+        parts = [job.encoded.take(slice(start, stop)) for job, start, stop in pool.spans]
+        encoded = Encoded(
+            ids=[ids for part in parts for ids in part.ids],
+            instruction_count=np.concatenate([p.instruction_count for p in parts]),
+            truncated=np.concatenate([p.truncated for p in parts]),
+        )
+        started = last = time.perf_counter()
+
+        def on_batch(rows: int, _tokens: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            self.metrics.batch_size.observe(rows)
+            self.metrics.inference.observe(now - last)
+            last = now
+
+        try:
+            window = self.encoder.encode_tokenized(encoded, self.max_rows, self.max_batch_tokens, on_batch=on_batch)
+        except Exception as exc:  # an engine failure fails these requests, not the server
+            self._fail([job for job, _, _ in pool.spans], exc)
+            return
+        elapsed = time.perf_counter() - started
+        rate = pool.tokens / max(elapsed, 1e-6)
+        self._tokens_per_s = rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
+        self.metrics.items.inc(pool.rows)
+        self.metrics.tokens.inc(pool.tokens)
+        self.metrics.padded_tokens.inc(window.stats.padded_tokens)
+        offset = 0
+        for job, start, stop in pool.spans:
+            job.vectors[start:stop] = window.vectors[offset : offset + stop - start]
+            offset += stop - start
+            job.done += stop - start
+            if job.done == job.rows and not job.future.done():
+                job.future.set_result(job.vectors)
+
+    def _fail(self, jobs: list[_Job], exc: Exception) -> None:
+        """Fail the jobs of a pool whose batch raised, and drop their rows that are still queued."""
+        with self._cond:
+            failed = set(jobs)
+            for job in failed:
+                left = job.lengths[job.next_row :]
+                self._queued_rows -= len(left)
+                self._queued_tokens -= int(left.sum())
+                job.next_row = job.rows
+            self._pending = deque(j for j in self._pending if j not in failed)
+            self._publish_queue()
+        for job in failed:
+            if not job.future.done():
+                job.future.set_exception(exc)
+
+    def _retry_after(self) -> int:
+        """Seconds until the queued tokens have run at the measured rate (1 to 60)."""
+        if self._tokens_per_s <= 0:
+            return 1
+        return int(min(60, max(1, math.ceil(self._queued_tokens / self._tokens_per_s))))
+
+    def _publish_queue(self) -> None:
+        self.metrics.queue_items.set(self._queued_rows)
+        self.metrics.queue_tokens.set(self._queued_tokens)

@@ -1,0 +1,74 @@
+"""The server's settings in one place: the engine, the limits every request is held to, and named instructions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``python -m runtime.serve`` was started with (see its ``--help`` for why each default is what it is)."""
+
+    engine: Path
+    model_name: str = ""  # the ``model`` reported in responses; default: the engine file's stem
+    api_key: str | None = None
+    instructions: dict[str, str] = field(default_factory=dict)
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    max_padding: float = 0.2
+    max_queue_tokens: int = 262144
+    max_concurrent_requests: int = 512
+    max_request_items: int = 2048
+    payload_limit: int = 2_000_000
+    tokenization_workers: int = 2
+    threads: int = 0  # ONNX Runtime intra-op threads, 0: one per core
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("max_batch_tokens", "max_batch_size", "max_queue_tokens", "max_concurrent_requests",
+                    "max_request_items", "payload_limit", "tokenization_workers")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.threads < 0:
+            raise ValueError("max-wait-ms and threads must be >= 0")
+        if not 0.0 <= self.max_padding < 1.0:
+            raise ValueError(f"max-padding must be in [0, 1), got {self.max_padding}")
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or Path(self.engine).stem
+
+    def limits(self) -> dict[str, float | int]:
+        """The limits as ``GET /info`` reports them."""
+        return {
+            "max_batch_tokens": self.max_batch_tokens,
+            "max_batch_size": self.max_batch_size,
+            "max_wait_ms": self.max_wait_ms,
+            "max_padding": self.max_padding,
+            "max_queue_tokens": self.max_queue_tokens,
+            "max_concurrent_requests": self.max_concurrent_requests,
+            "max_request_items": self.max_request_items,
+            "payload_limit": self.payload_limit,
+            "tokenization_workers": self.tokenization_workers,
+        }
+
+
+def load_instructions(path: str | Path) -> dict[str, str]:
+    """``--instructions FILE.json``: a JSON object of name -> instruction string; errors name the file and key."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the instructions file ({exc.strerror or exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: expected a non-empty JSON object of name -> instruction string")
+    for name, value in data.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: instruction {name!r} must be a string, got {type(value).__name__}")
+    return dict(data)

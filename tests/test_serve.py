@@ -1,0 +1,252 @@
+"""``runtime.serve`` over HTTP on 127.0.0.1 (in-process uvicorn, tiny engine): OpenAI client, /embed, errors, metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from runtime import Encoder  # noqa: E402
+from runtime.serve.app import create_app  # noqa: E402
+from runtime.serve.config import ServeConfig, load_instructions  # noqa: E402
+from tests.serve_support import GatedEncoder, live_server, metric  # noqa: E402
+
+QUERY = "Represent the Wikipedia question for retrieving supporting documents: "
+NAMED = {"query": QUERY, "doc": "Represent the Wikipedia document for retrieval: "}
+KEY = "test-key-0123"
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_engine):
+    enc = Encoder(tiny_engine)
+    yield enc
+    enc.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    config = ServeConfig(engine=tiny_engine, instructions=NAMED, max_batch_size=8, payload_limit=200_000, max_request_items=300)
+    app = create_app(config)
+    with live_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def vectors_of(response) -> np.ndarray:
+    return np.array([d.embedding for d in response.data], dtype=np.float32)
+
+
+def test_openai_client_gives_golden_vectors_under_concurrency(client, golden_inputs, golden_vectors):
+    """The official client, default settings (it asks for base64), 8 threads, mixed instructions per item."""
+    rng = np.random.default_rng(1)
+    requests = [rng.choice(len(golden_inputs), size=int(rng.integers(1, 12)), replace=False) for _ in range(48)]
+
+    def one(idx):
+        r = client.embeddings.create(model="tiny", input=[golden_inputs[i] for i in idx])
+        assert [d.index for d in r.data] == list(range(len(idx)))
+        assert r.model == "tiny" and r.usage.prompt_tokens == r.usage.total_tokens > 0
+        return idx, vectors_of(r)
+
+    with ThreadPoolExecutor(8) as pool:
+        for idx, vectors in pool.map(one, requests):
+            np.testing.assert_allclose(vectors, golden_vectors[idx], atol=1e-5)
+
+
+def test_base64_equals_float(client, golden_inputs):
+    as_b64 = client.embeddings.create(model="tiny", input=golden_inputs[:20], encoding_format="base64")
+    as_float = vectors_of(client.embeddings.create(model="tiny", input=golden_inputs[:20], encoding_format="float"))
+    decoded = np.array([np.frombuffer(__import__("base64").b64decode(d.embedding), dtype="<f4") for d in as_b64.data])
+    np.testing.assert_array_equal(decoded, as_float)
+    np.testing.assert_array_equal(vectors_of(client.embeddings.create(model="tiny", input=golden_inputs[:20])), as_float)
+
+
+def test_instructions_given_named_and_on_embed(server, client, encoder):
+    texts = ["where is the food stored in a yam plant", "how do planes fly"]
+    expected = encoder.encode([[QUERY, t] for t in texts])
+    named = client.embeddings.create(model="tiny", input=texts, extra_body={"instruction_name": "query"})
+    given = client.embeddings.create(model="tiny", input=texts, extra_body={"instruction": QUERY})
+    np.testing.assert_allclose(vectors_of(named), expected, atol=1e-5)
+    np.testing.assert_allclose(vectors_of(given), expected, atol=1e-5)
+    tei = httpx.post(f"{server}/embed", json={"inputs": texts, "prompt_name": "query"})
+    assert tei.status_code == 200
+    np.testing.assert_allclose(np.array(tei.json(), dtype=np.float32), expected, atol=1e-5)
+    single = httpx.post(f"{server}/embed", json={"inputs": "plain text"}).json()
+    np.testing.assert_allclose(np.array(single, dtype=np.float32), encoder.encode(["plain text"]), atol=1e-5)
+
+
+def test_long_text_truncated_or_refused(server, encoder):
+    long = "word " * 2000
+    ok = httpx.post(f"{server}/embed", json={"inputs": [long]})
+    assert ok.status_code == 200
+    np.testing.assert_allclose(np.array(ok.json(), dtype=np.float32), encoder.encode([long]), atol=1e-5)
+    refused = httpx.post(f"{server}/embed", json={"inputs": ["short", long], "truncate": False})
+    assert refused.status_code == 413 and "inputs[1]" in refused.json()["error"]["message"]
+
+
+BAD_REQUESTS = [
+    # (path, raw body or JSON, status, words the message must contain)
+    ("/v1/embeddings", b'{"input": ["a"', 400, ["malformed JSON", "line 1"]),
+    ("/v1/embeddings", b'{"input": ["ok", "\\ud800 lone"]}', 400, ["input[1]", "lone surrogate"]),
+    ("/v1/embeddings", {"input": ["ok", ["I", "t", 0, "extra"]]}, 400, ["input[1]", "4 elements"]),
+    ("/v1/embeddings", {"input": ["ok", ["I", 5]]}, 400, ["input[1]", "text"]),
+    ("/v1/embeddings", {"input": []}, 400, ["empty"]),
+    ("/v1/embeddings", {"model": "tiny"}, 400, ["input is required"]),
+    ("/v1/embeddings", {"input": [1, 2, 3]}, 400, ["token ids"]),
+    ("/v1/embeddings", {"input": [[1, 2, 3]]}, 400, ["input[0]", "token ids"]),
+    ("/v1/embeddings", {"input": "x", "dimensions": 16}, 400, ["dimensions=16", "32"]),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 400, ["encoding_format"]),
+    ("/v1/embeddings", {"input": "x", "instruction_name": "nope"}, 400, ["nope", "doc, query"]),
+    ("/v1/embeddings", {"input": "x", "instruction": "I: ", "instruction_name": "query"}, 400, ["not both"]),
+    ("/v1/embeddings", [1, 2], 400, ["JSON object"]),
+    ("/v1/embeddings", {"input": ["x"] * 301}, 413, ["301 items"]),
+    ("/v1/embeddings", {"input": "x" * 300_000}, 413, ["payload limit"]),
+    ("/embed", {"inputs": "x", "normalize": False}, 400, ["normalize"]),
+    ("/embed", {"inputs": "x", "truncate": "yes"}, 400, ["truncate"]),
+    ("/embed", {"inputs": "x", "prompt_name": "nope"}, 400, ["doc, query"]),
+    ("/embed", {"inputs": {"a": 1}}, 400, ["inputs must be"]),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", BAD_REQUESTS, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_openai_style_errors(server, path, body, status, words):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{server}{path}", headers={"content-type": "application/json"}, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "code"}
+    for word in words:
+        assert word in err["message"], err["message"]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+@pytest.mark.parametrize("method,path,status", [("GET", "/nowhere", 404), ("GET", "/v1/embeddings", 405), ("DELETE", "/embed", 405)])
+def test_framework_errors_are_json(server, method, path, status):
+    r = httpx.request(method, f"{server}{path}")
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/json" and r.json()["error"]["message"]
+
+
+def test_openai_client_raises_on_errors(client):
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model="tiny", input="x", dimensions=8)
+
+
+def test_health_info_models(server):
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    info = httpx.get(f"{server}/info").json()
+    assert info["embedding_dim"] == 32 and info["max_seq_length"] == 512 and info["precision"] == "fp32"
+    assert info["backend"].startswith("onnxruntime") and info["instructions"] == ["doc", "query"]
+    assert info["limits"]["max_batch_size"] == 8 and "onnxruntime" in info["versions"]
+    assert httpx.get(f"{server}/v1/models").json()["data"][0]["id"] == "tiny"
+
+
+def test_metrics_count_requests(server):
+    before = httpx.get(f"{server}/metrics").text
+    for _ in range(3):
+        assert httpx.post(f"{server}/embed", json={"inputs": ["a", "b"]}).status_code == 200
+    assert httpx.post(f"{server}/embed", json={"inputs": []}).status_code == 400
+    after = httpx.get(f"{server}/metrics").text
+    diff = lambda name, **kw: metric(after, name, **kw) - metric(before, name, **kw)  # noqa: E731
+    assert diff("instructor_requests_total", endpoint="/embed", status="200") == 3
+    assert diff("instructor_requests_total", endpoint="/embed", status="400") == 1
+    assert diff("instructor_items_total") == 6
+    assert diff("instructor_tokens_total") >= 6 and metric(after, "instructor_padded_tokens_total") >= metric(after, "instructor_tokens_total")
+    assert diff("instructor_request_duration_seconds_count", endpoint="/embed") == 4
+    assert metric(after, "instructor_batch_size_count") > 0 and metric(after, "instructor_queue_seconds_count") > 0
+    assert metric(after, "instructor_peak_rss_bytes") > 1e6
+
+
+def test_api_key(tiny_engine):
+    app = create_app(ServeConfig(engine=tiny_engine, api_key=KEY))
+    with live_server(app) as url:
+        assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = httpx.post(f"{url}/v1/embeddings", json={"input": "x"}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        assert len(good.embeddings.create(model="tiny", input=["x", "y"]).data) == 2
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).embeddings.create(model="tiny", input="x")
+        text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        assert metric(text, "instructor_requests_total", endpoint="/v1/embeddings", status="401") == 4
+
+
+def test_429_with_retry_after_when_queue_is_full(tiny_engine, encoder):
+    """A request runs (held at the engine), a second is queued, a third passes --max-queue-tokens: 429."""
+    gated = GatedEncoder(Encoder(tiny_engine))
+    app = create_app(ServeConfig(engine=tiny_engine, max_queue_tokens=4, max_wait_ms=0), opener=lambda: gated)
+    with live_server(app) as url:
+        gated.entered.clear()
+        gated.gate.clear()
+        results: dict[str, httpx.Response] = {}
+
+        def post(name: str, text: str) -> None:
+            results[name] = httpx.post(f"{url}/v1/embeddings", json={"input": [text]}, timeout=30)
+
+        first = threading.Thread(target=post, args=("first", "held at the engine"))
+        first.start()
+        assert gated.entered.wait(10)
+        second = threading.Thread(target=post, args=("second", "waits in the queue"))
+        second.start()
+        for _ in range(500):
+            if metric(httpx.get(f"{url}/metrics").text, "instructor_queue_items") == 1:
+                break
+            threading.Event().wait(0.01)
+        third = httpx.post(f"{url}/v1/embeddings", json={"input": ["refused"]})
+        assert third.status_code == 429
+        assert int(third.headers["retry-after"]) >= 1 and third.json()["error"]["code"] == "queue_full"
+        gated.gate.set()
+        first.join(30)
+        second.join(30)
+        assert results["first"].status_code == 200 and results["second"].status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_instructions_file_errors(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(NAMED))
+    assert load_instructions(good) == NAMED
+    for text, words in [("[1]", "object"), ('{"q": 3}', "'q' must be a string"), ("{", "not valid JSON")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=words):
+            load_instructions(bad)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_instructions(tmp_path / "missing.json")
+
+
+def test_server_never_imports_torch(tiny_engine):
+    """The server's modules, app start-up and one request in a fresh interpreter: torch, trainer, export stay out."""
+    import subprocess
+    import sys
+
+    from tests.serve_support import ROOT
+
+    code = f"""
+import sys
+import runtime.serve.__main__
+from starlette.testclient import TestClient
+from runtime.serve.app import create_app
+from runtime.serve.config import ServeConfig
+with TestClient(create_app(ServeConfig(engine={str(tiny_engine)!r}))) as client:
+    assert client.post("/v1/embeddings", json={{"input": ["a", ["I: ", "b"]]}}).status_code == 200
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "trainer", "export", "transformers"))
+assert not bad, bad
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("ok")

@@ -1,0 +1,128 @@
+"""The server's batcher on the tiny engine: exact vectors whatever the grouping, fairness, waiting, backpressure, drain."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("prometheus_client")
+
+from runtime import Encoder  # noqa: E402
+from runtime.serve.batcher import Batcher, QueueFull, ShuttingDown  # noqa: E402
+from runtime.serve.metrics import Metrics  # noqa: E402
+from tests.serve_support import GatedEncoder  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_engine):
+    enc = Encoder(tiny_engine)
+    yield enc
+    enc.close()
+
+
+@pytest.fixture
+def gated(encoder):
+    return GatedEncoder(encoder)
+
+
+def make(enc, **kw) -> Batcher:
+    b = Batcher(enc, Metrics(), **kw)
+    b.start()
+    return b
+
+
+def test_vectors_equal_golden_under_concurrency(encoder, golden_inputs, golden_vectors):
+    """Requests of 1..17 mixed items from 8 threads: every row equals InstructorEmbedding 1.0.1's vector."""
+    b = make(encoder, max_batch_size=8, max_wait_ms=2)
+    rng = np.random.default_rng(0)
+    slices = []
+    for _ in range(40):
+        idx = rng.choice(len(golden_inputs), size=int(rng.integers(1, 18)), replace=False)
+        slices.append(idx)
+
+    def one(idx):
+        enc = encoder.tokenizer.encode([golden_inputs[i] for i in idx])
+        return idx, b.submit(enc).result(timeout=60)
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, slices))
+    finally:
+        b.close()
+    for idx, vectors in results:
+        np.testing.assert_allclose(vectors, golden_vectors[idx], atol=1e-5)
+
+
+def test_small_request_is_not_starved_by_a_large_one(gated, encoder):
+    """A 1-item request that arrives while a 1000-item one runs is in the very next pool, not after all 1000 rows."""
+    b = make(gated, max_batch_size=32, max_wait_ms=0)
+    gated.gate.clear()
+    big = b.submit(encoder.tokenizer.encode([f"document number {i}" for i in range(1000)]))
+    assert gated.entered.wait(10)
+    small = b.submit(encoder.tokenizer.encode(["a short query"]))
+    gated.gate.set()
+    small.result(timeout=30)
+    assert not big.done(), "the small request waited for the whole large one"
+    big_vectors = big.result(timeout=60)
+    b.close()
+    assert gated.pools[0] == 32 and gated.pools[1] == 32  # the second pool held 31 big rows and the small one
+    assert len(gated.pools) == 32  # 1001 rows in pools of 32
+    np.testing.assert_allclose(big_vectors[:3], encoder.encode(["document number 0", "document number 1", "document number 2"]), atol=1e-5)
+
+
+def test_lone_request_waits_at_most_max_wait(encoder):
+    """With another request announced but never arriving, a queued one still runs once max_wait_ms has passed."""
+    b = make(encoder, max_wait_ms=150)
+    enc = encoder.tokenizer.encode(["alone"])
+    b.submit(enc).result(timeout=10)  # no one else announced: runs at once
+    with b.arriving():
+        t0 = time.monotonic()
+        b.submit(enc).result(timeout=10)
+        waited = time.monotonic() - t0
+    b.close()
+    assert waited >= 0.14  # it waited for the announced request ...
+    assert waited < 5  # ... but not for ever
+
+
+def test_queue_full_then_drain_on_close(gated, encoder):
+    b = make(gated, max_queue_tokens=8, max_wait_ms=0)
+    gated.gate.clear()
+    first = b.submit(encoder.tokenizer.encode(["running now"]))
+    assert gated.entered.wait(10)
+    second = b.submit(encoder.tokenizer.encode(["queued: the queue was empty, so it is taken whatever its size " * 3]))
+    with pytest.raises(QueueFull) as info:
+        b.submit(encoder.tokenizer.encode(["one more"]))
+    assert info.value.retry_after >= 1
+    closer = threading.Thread(target=b.close)
+    closer.start()  # shutting down with two requests accepted ...
+    time.sleep(0.05)
+    with pytest.raises(ShuttingDown):
+        b.submit(encoder.tokenizer.encode(["too late"]))
+    gated.gate.set()
+    closer.join(30)
+    assert first.result(timeout=1).shape == (1, 32)  # ... answers both
+    assert second.result(timeout=1).shape == (1, 32)
+    assert not b.alive
+
+
+def test_engine_failure_fails_its_requests_only(encoder):
+    class Broken(GatedEncoder):
+        fail = True
+
+        def encode_tokenized(self, encoded, *args, **kwargs):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("engine exploded")
+            return super().encode_tokenized(encoded, *args, **kwargs)
+
+    b = make(Broken(encoder), max_wait_ms=0)
+    bad = b.submit(encoder.tokenizer.encode(["first"]))
+    with pytest.raises(RuntimeError, match="engine exploded"):
+        bad.result(timeout=10)
+    good = b.submit(encoder.tokenizer.encode(["second"])).result(timeout=10)
+    b.close()
+    np.testing.assert_allclose(good, encoder.encode(["second"]), atol=1e-5)
