@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-pytest.importorskip("mteb")
+mteb = pytest.importorskip("mteb")
 
 from bench.mteb.__main__ import main  # noqa: E402
 from bench.mteb.model import Instructions  # noqa: E402
-from bench.mteb.offline import DataError, load_emotion, load_sts, offline_task  # noqa: E402
+from bench.datafiles import DataError  # noqa: E402
+from bench.mteb.offline import load_tables, offline_task, read_table  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -90,17 +91,134 @@ def test_instruction_table_lookup():
 
 
 def test_loaders_name_file_and_line(tmp_path):
+    (tmp_path / "test.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "score": 1}\n{"sentence1": "a"\n')
+    with pytest.raises(DataError, match=r"test\.jsonl:2: not JSON"):
+        read_table(tmp_path / "test.jsonl")
     (tmp_path / "test.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "score": 1}\n{"sentence1": "a"}\n')
-    with pytest.raises(DataError, match=r"test\.jsonl:2: missing field\(s\) \['sentence2', 'score'\]"):
-        load_sts(tmp_path, ["test"])
+    with pytest.raises(DataError, match=r"test\.jsonl: row 2: fields \['sentence1'\] differ"):
+        read_table(tmp_path / "test.jsonl")
     (tmp_path / "test.txt").write_text("text;label_name\ni feel fine;joy\nno label here\n")
     with pytest.raises(DataError, match=r"test\.txt:3: expected 'text;label'"):
-        load_emotion(tmp_path, ["test"])
-    with pytest.raises(DataError, match="file not found"):
-        load_sts(tmp_path / "missing", ["test"])
+        read_table(tmp_path / "test.txt")
 
 
-def test_emotion_keeps_semicolons_in_text(tmp_path):
-    (tmp_path / "test.txt").write_text("text;label_name\nwell; i feel fine;joy\n")
-    ds = load_emotion(tmp_path, ["test"])["test"]
-    assert ds["text"] == ["well; i feel fine"] and ds["label"] == [1]
+def test_text_label_lines_keep_semicolons_and_map_labels_in_sorted_order(tmp_path):
+    (tmp_path / "train.txt").write_text("text;label_name\nwell; i feel fine;joy\nso angry;anger\n")
+    (tmp_path / "test.txt").write_text("text;label_name\nhappy;joy\n")
+    task = mteb.get_task("EmotionClassification")
+    ds = load_tables(task, tmp_path, {"train": tmp_path / "train.txt", "test": tmp_path / "test.txt"})
+    assert ds["train"]["text"] == ["well; i feel fine", "so angry"]
+    assert ds["train"]["label"] == [1, 0] and ds["test"]["label"] == [1]  # anger=0, joy=1
+
+
+STS_PAIRS = [
+    ("A man is playing a guitar.", "A man plays the guitar.", 4.8),
+    ("A woman is slicing onions.", "Someone is cutting an onion.", 4.2),
+    ("A dog runs in the park.", "A cat sleeps on a sofa.", 0.4),
+    ("Kids are swimming in a lake.", "Children swim in the water.", 4.0),
+    ("The stock market fell today.", "A chef is cooking pasta.", 0.0),
+    ("A plane is taking off.", "An airplane departs.", 4.5),
+]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _score(out: Path, task: str) -> float:
+    return json.loads((out / f"{task}.json").read_text())["scores"]["test"][0]["main_score"]
+
+
+@pytest.mark.parametrize("task", ["STS14", "BIOSSES"])
+def test_sts_task_outside_the_old_list_runs_from_its_folder(tmp_path, tiny_model, task):
+    rows = [{"sentence1": a, "sentence2": b, "score": s} for a, b, s in STS_PAIRS]
+    _write_jsonl(tmp_path / "data" / "sts" / task / "test.jsonl", rows)
+    out = tmp_path / "out"
+    args = ["--engine", str(TINY), "--tasks", task, "--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--instructions-for", "none"]
+    assert main(args) == 0
+    a = tiny_model.encode([r["sentence1"] for r in rows])
+    b = tiny_model.encode([r["sentence2"] for r in rows])
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert _score(out, task) == pytest.approx(spearmanr(cos, [r["score"] for r in rows]).statistic, abs=1e-6)
+
+
+def test_multilingual_task_runs_the_subsets_present(tmp_path, capsys):
+    _write_jsonl(tmp_path / "sts" / "STS17" / "en-en" / "test.jsonl", [{"sentence1": a, "sentence2": b, "score": s} for a, b, s in STS_PAIRS])
+    task = offline_task("STS17", tmp_path)
+    assert task.hf_subsets == ["en-en"]
+    assert "no files for subset(s)" in capsys.readouterr().err
+    task.load_data()
+    assert task.dataset["en-en"]["test"]["sentence1"][0] == STS_PAIRS[0][0]
+
+
+def test_classification_from_jsonl_with_label_names(tmp_path):
+    folder = tmp_path / "imdb"  # ImdbClassification without its type suffix
+    train = [{"text": f"{w} movie number {i}", "label": lab} for i in range(6) for w, lab in (("great", "pos"), ("awful", "neg"))]
+    _write_jsonl(folder / "train.jsonl", train)
+    _write_jsonl(folder / "test.jsonl", [{"text": "great film", "label": "pos"}, {"text": "awful film", "label": "neg"}])
+    out = tmp_path / "out"
+    assert main(["--engine", str(TINY), "--tasks", "ImdbClassification", "--data-dir", str(tmp_path), "--output-dir", str(out)]) == 0
+    assert 0.0 <= _score(out, "ImdbClassification") <= 1.0
+    task = offline_task("ImdbClassification", tmp_path)
+    task.load_data()
+    assert task.dataset["test"]["label"] == [1, 0]  # sorted names: neg=0, pos=1
+
+
+def test_pair_classification_runs_mtebs_own_transform(tmp_path):
+    # SprintDuplicateQuestions' hub files name the columns sent1/sent2; its dataset_transform renames them
+    rows = [{"sent1": a, "sent2": b, "labels": int(s > 2.5)} for a, b, s in STS_PAIRS]
+    _write_jsonl(tmp_path / "pairclassification" / "SprintDuplicateQuestions" / "test.jsonl", rows)
+    out = tmp_path / "out"
+    assert main(["--engine", str(TINY), "--tasks", "SprintDuplicateQuestions", "--data-dir", str(tmp_path), "--output-dir", str(out)]) == 0
+    assert 0.0 < _score(out, "SprintDuplicateQuestions") <= 1.0
+
+    _write_jsonl(tmp_path / "pairclassification" / "SprintDuplicateQuestions" / "test.jsonl", [{"a": "x", "b": "y", "labels": 1}])
+    task = offline_task("SprintDuplicateQuestions", tmp_path)
+    with pytest.raises(DataError, match=r"dataset_transform failed on these files .*hub dataset"):
+        task.load_data()
+
+
+def test_reranking_from_query_positive_negative_rows(tmp_path):
+    rows = [
+        {"query": "how to install python", "positive": ["installing python on ubuntu"], "negative": ["cooking rice", "dog food"]},
+        {"query": "wifi not working", "positive": ["wireless network problems"], "negative": ["best pizza in town"]},
+        {"query": "no negatives", "positive": ["dropped as mteb does"], "negative": []},
+    ]
+    _write_jsonl(tmp_path / "askubuntudupquestions" / "test.jsonl", rows)
+    task = offline_task("AskUbuntuDupQuestions", tmp_path)
+    task.load_data()
+    split = task.dataset["default"]["test"]
+    assert split["queries"]["id"] == ["test_query0", "test_query1"]
+    assert split["top_ranked"]["test_query0"] == ["apositive_test_query0_00000", "negative_test_query0_00000", "negative_test_query0_00001"]
+    assert split["relevant_docs"]["test_query1"] == {"apositive_test_query1_00000": 1, "negative_test_query1_00000": 0}
+    out = tmp_path / "out"
+    assert main(["--engine", str(TINY), "--tasks", "AskUbuntuDupQuestions", "--data-dir", str(tmp_path), "--output-dir", str(out)]) == 0
+    assert 0.0 < _score(out, "AskUbuntuDupQuestions") <= 1.0
+
+
+def test_legacy_clustering_reads_one_text_per_line_as_one_set(tmp_path):
+    rows = [{"sentences": f"{topic} text {i}", "labels": topic} for topic in ("sport", "cooking", "space") for i in range(4)]
+    _write_jsonl(tmp_path / "clustering" / "TwentyNewsgroupsClustering" / "test.jsonl", rows)
+    task = offline_task("TwentyNewsgroupsClustering", tmp_path)
+    task.load_data()
+    assert len(task.dataset["test"]) == 1 and len(task.dataset["test"][0]["sentences"]) == 12
+
+
+def test_missing_files_name_task_folders_and_files(tmp_path):
+    (tmp_path / "sts" / "STS15").mkdir(parents=True)
+    with pytest.raises(DataError) as err:
+        offline_task("STS15", tmp_path)
+    msg = str(err.value)
+    assert "task STS15 (STS): no local files" in msg
+    assert f"{tmp_path / 'sts' / 'STS15'} (missing test.jsonl)" in msg
+    assert f"{tmp_path / 'sts15'} (no such folder)" in msg
+    assert "sentence1, sentence2, score" in msg
+
+    (tmp_path / "nfcorpus" / "qrels").mkdir(parents=True)
+    (tmp_path / "nfcorpus" / "corpus.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"nfcorpus \(missing queries\.jsonl, qrels/test\.tsv\)"):
+        offline_task("NFCorpus", tmp_path)
+    with pytest.raises(DataError, match="not registered in mteb"):
+        offline_task("NoSuchTask", tmp_path)
+    assert main(["--engine", str(TINY), "--tasks", "STS15", "--data-dir", str(tmp_path)]) == 2

@@ -7,32 +7,43 @@ import json
 import sys
 from pathlib import Path
 
-from bench.mteb.model import InstructorMTEBModel, Instructions, default_table, instruction_tables, load_encoder
-from bench.mteb.offline import OFFLINE_TASKS, DataError, offline_task
+from bench.datafiles import DataError
+from bench.encoders import default_table, load_encoder
+from bench.mteb.model import InstructorMTEBModel, Instructions, instruction_tables
+from bench.mteb.offline import DERIVED, LAYOUTS, offline_task
 
-DESCRIPTION = f"""\
+DESCRIPTION = """\
 Evaluate an engine bundle (.onnx / .plan, run by runtime.Encoder) or a checkpoint folder (run by the PyTorch
 reference model) on MTEB tasks with mteb's own evaluators.
 
 Instructions: --instructions-for picks one table of bench/mteb_instructions.json (the INSTRUCTOR evaluation
-tables: {', '.join(instruction_tables())}); retrieval and reranking tasks get a query and a corpus
-instruction, and corpus documents are (title + " " + text).strip(). 'none' encodes plain strings, as
+tables: {tables});
+retrieval and reranking tasks get a query and a corpus instruction, and corpus documents are (title + " " + text).strip(). 'none' encodes plain strings, as
 sentence-transformers models such as all-MiniLM-L6-v2 expect. Default: hkunlp/instructor-large for T5
 (INSTRUCTOR) models, none for any other architecture.
 
-Data: without --data-dir, tasks load by name from the Hugging Face hub. With --data-dir, they load from
-local folders in the layout of /work/shared/data (the hub is never contacted); supported offline:
-{', '.join(OFFLINE_TASKS)}.
+Data: without --data-dir, tasks load by name from the Hugging Face hub. With --data-dir, any task that mteb
+registers loads from local files (the hub is never contacted), found by the task's type in the first existing
+folder of DATA_DIR/<type>/<TASK>, DATA_DIR/<TASK>, DATA_DIR/<task>, DATA_DIR/<task without type suffix>
+(e.g. sts/STS14, scifact, banking77 for Banking77Classification). Files per type:
+{layouts}
+Multilingual tasks: one folder per hub subset inside (e.g. sts/STS17/en-en/test.jsonl). Also offline: the derived
+clustering sets {derived} (clustering/*.jsonl).
+A task whose files are missing is reported with the folders looked in and the files expected, before any
+model runs.
 
 Output: mteb's result JSON per task under --output-dir, plus summary.json and summary.md.
-"""
+""".format(
+    tables=", ".join(instruction_tables()),
+    layouts="\n".join(f"  {kind}: {layout}" for kind, layout in LAYOUTS.items()), derived=", ".join(DERIVED)
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.mteb", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", required=True, help="engine file (NAME.onnx / NAME.plan with its sidecars) or a checkpoint folder")
     p.add_argument("--tasks", nargs="+", required=True, help="MTEB task names, e.g. STSBenchmark SciFact Banking77Classification")
-    p.add_argument("--data-dir", type=Path, help="local data folder (layout of /work/shared/data); omit to load from the hub")
+    p.add_argument("--data-dir", type=Path, help="local data folder DATA_DIR (layouts above); omit to load from the hub")
     p.add_argument("--output-dir", type=Path, default=Path("results/mteb"), help="where result JSON goes. Default: results/mteb")
     p.add_argument("--instructions-for", help="instruction table (e.g. hkunlp/instructor-large) or 'none'. Default: by architecture")
     p.add_argument("--batch-size", type=int, default=32, help="encode batch size. Default: 32")
@@ -42,11 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_tasks(names: list[str], data_dir: Path | None) -> list:
+    """Tasks from the hub by name, or from local files, read now so that a bad file stops the run before any model does."""
     import mteb
 
     if data_dir is None:
         return list(mteb.get_tasks(tasks=names))
-    return [offline_task(name, data_dir) for name in names]
+    tasks = [offline_task(name, data_dir) for name in names]
+    for task in tasks:
+        task.load_data()
+    return tasks
 
 
 def summarize(results: list, model: InstructorMTEBModel, expected: dict[str, float]) -> list[dict]:
@@ -90,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     import mteb
 
     try:
+        tasks = load_tasks(args.tasks, args.data_dir)
         encoder, info = load_encoder(args.engine)
         table = args.instructions_for or default_table(info.get("architecture"))
         instructions = Instructions(table)
-        tasks = load_tasks(args.tasks, args.data_dir)
     except (DataError, ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

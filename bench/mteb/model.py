@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from mteb.abstasks.task_metadata import TaskMetadata
@@ -18,15 +18,9 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 
+from bench.encoders import NO_INSTRUCTIONS, SentenceEncoder
+
 INSTRUCTIONS_FILE = Path(__file__).resolve().parent.parent / "mteb_instructions.json"
-NO_INSTRUCTIONS = "none"
-DEFAULT_INSTRUCTOR_TABLE = "hkunlp/instructor-large"
-
-
-class SentenceEncoder(Protocol):
-    """What both ``runtime.Encoder`` and ``trainer.InstructorModel`` offer (the ``INSTRUCTOR.encode`` form)."""
-
-    def encode(self, sentences: Any, batch_size: int = 32, show_progress_bar: bool | None = None, **kwargs: Any) -> Any: ...
 
 
 def instruction_tables(path: Path = INSTRUCTIONS_FILE) -> dict[str, dict[str, dict[str, Any]]]:
@@ -59,39 +53,6 @@ class Instructions:
             return entry
         side = "query" if prompt_type in (None, PromptType.query) else "corpus"
         return entry[side]
-
-
-def load_encoder(path: str | Path) -> tuple[SentenceEncoder, dict[str, Any]]:
-    """An engine file through ``runtime.Encoder``, or a checkpoint folder through the PyTorch reference model.
-
-    Returns the encoder and a description (kind, precision, architecture, embedding_dim) for the result files.
-    """
-    path = Path(path)
-    if path.is_dir():
-        from trainer.model import InstructorModel
-
-        model = InstructorModel.from_pretrained(path)
-        info = {"kind": "pytorch", "precision": "fp32", "architecture": model.architecture, "embedding_dim": model.embedding_dim}
-        return model, info
-    try:
-        from runtime import Encoder
-    except ImportError as exc:
-        raise RuntimeError(f"{path}: running an engine needs runtime.Encoder, which this checkout lacks ({exc})") from exc
-    encoder = Encoder(str(path))
-    data = encoder.manifest.data
-    info = {
-        "kind": data["engine"]["kind"],
-        "precision": data["precision"],
-        "architecture": data.get("architecture"),
-        "embedding_dim": encoder.embedding_dim,
-        "manifest_sha256": encoder.manifest.sha256,
-    }
-    return encoder, info
-
-
-def default_table(architecture: str | None) -> str:
-    """INSTRUCTOR models are T5 encoders and get the instructor-large table; anything else (e.g. MiniLM) plain text."""
-    return DEFAULT_INSTRUCTOR_TABLE if architecture in ("t5", "mt5") else NO_INSTRUCTIONS
 
 
 class InstructorMTEBModel(AbsEncoder):
