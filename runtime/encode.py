@@ -238,28 +238,13 @@ def _run_locked(job: EncodeJob, hook: PointHook) -> RunSummary:
     write_output(store.iter_shards(), tmp, store.vectors, encoder.embedding_dim, job.output_dtype, ranges, columns)
     hook("publish")
     publish(tmp, job.output)
-    summary = RunSummary(
-        output=str(job.output),
-        input=str(job.input),
-        rows=stats.rows,
-        tokens=stats.tokens,
+    summary = RunSummary.of(
+        job, encoder.manifest, skipped, stats.rows, stats.tokens, stats.truncated, time.perf_counter() - started,
+        rate=(session["rows"], session["tokens"], loop_s),
         padded_tokens=stats.padded_tokens,
         padding_waste=round(stats.padding_waste, 6),
-        truncated_rows=stats.truncated,
-        skipped_rows=skipped.count,
-        skipped_lines=skipped.lines,
-        skipped_errors=skipped.first_errors,
-        blank_lines=skipped.blank_lines,
         resumed_rows=resumed,
-        elapsed_s=round(time.perf_counter() - started, 3),
         encode_s=round(loop_s, 3),
-        docs_per_s=round(session["rows"] / max(loop_s, 1e-9), 2),
-        tokens_per_s=round(session["tokens"] / max(loop_s, 1e-9), 1),
-        embedding_dim=encoder.embedding_dim,
-        output_dtype=job.output_dtype,
-        engine=job.engine,
-        engine_manifest_sha256=encoder.manifest.sha256,
-        precision=encoder.manifest.precision,
         backend=encoder.backend.name,
         **chunk_counts(job, stats.chunks, stats.split_rows, store.vectors),
         ranges=str(ranges_path(job.output)) if ranges is not None else None,

@@ -15,7 +15,7 @@ from runtime.atomic import atomic_write_text
 from runtime.chunking import DEFAULT_OVERLAP, LONG_TEXT, POOLING
 from runtime.encoder import DEFAULT_MAX_PADDING, DEFAULT_MAX_TOKENS, DEFAULT_WINDOW
 from runtime.output_dtype import NEEDS_RANGES, OUTPUT_DTYPES
-from runtime.readers import ReaderOptions
+from runtime.readers import MAX_ERRORS, MAX_LISTED, ReaderOptions, Skipped
 from runtime.tokenization import has_lone_surrogate
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -168,6 +168,20 @@ class RunSummary:
     split_rows: int | None = None  # rows cut into several chunks
     output_vectors: int | None = None  # vectors in the output (one per chunk with --chunk-output all)
     ranges: str | None = None  # int8/uint8: the file of the ranges used (OUTPUT.ranges.npy)
+
+    @classmethod
+    def of(cls, job: EncodeJob, manifest: Any, skipped: Skipped, rows: int, tokens: int, truncated: int,
+           elapsed: float, rate: tuple[int, int, float], **extra: Any) -> "RunSummary":
+        """The fields every run reports; ``rate``: (rows, tokens, seconds) that docs/s and tokens/s are taken over."""
+        rate_rows, rate_tokens, seconds = rate
+        return cls(
+            output=str(job.output), input=str(job.input), rows=rows, tokens=tokens, truncated_rows=truncated,
+            skipped_rows=skipped.count, skipped_lines=skipped.lines[:MAX_LISTED], skipped_errors=skipped.first_errors[:MAX_ERRORS],
+            blank_lines=skipped.blank_lines, elapsed_s=round(elapsed, 3),
+            docs_per_s=round(rate_rows / max(seconds, 1e-9), 2), tokens_per_s=round(rate_tokens / max(seconds, 1e-9), 1),
+            embedding_dim=manifest.embedding_dim, output_dtype=job.output_dtype, engine=job.engine,
+            engine_manifest_sha256=manifest.sha256, precision=manifest.precision, **extra,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

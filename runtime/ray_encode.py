@@ -35,7 +35,7 @@ from runtime.deps import require
 from runtime.job import EncodeJob, RayOptions, RunSummary
 from runtime.locks import owned_temp_dir
 from runtime.output_dtype import load_ranges
-from runtime.readers import MAX_LISTED, InputError, ReaderOptions, Skipped, Span, input_format, plan_spans, read_records
+from runtime.readers import InputError, ReaderOptions, Skipped, Span, input_format, plan_spans, read_records
 from runtime.tokenization import Encoded, InstructionTokenizer
 from runtime.writers import embedding_array
 
@@ -282,24 +282,8 @@ def _summary(job: EncodeJob, skipped_dir: Path, elapsed: float, manifest: Any, w
         skipped.lines += part["lines"]
         skipped.first_errors += part["errors"]
         skipped.blank_lines += part["blank_lines"]
-    return RunSummary(
-        output=str(job.output),
-        input=str(job.input),
-        rows=rows,
-        tokens=tokens,
-        truncated_rows=0 if chunked else long_rows,
-        skipped_rows=skipped.count,
-        skipped_lines=skipped.lines[:MAX_LISTED],
-        skipped_errors=skipped.first_errors[:10],
-        blank_lines=skipped.blank_lines,
-        elapsed_s=round(elapsed, 3),
-        docs_per_s=round(rows / max(elapsed, 1e-9), 2),
-        tokens_per_s=round(tokens / max(elapsed, 1e-9), 1),
-        embedding_dim=manifest.embedding_dim,
-        output_dtype=job.output_dtype,
-        engine=job.engine,
-        engine_manifest_sha256=manifest.sha256,
-        precision=manifest.precision,
+    return RunSummary.of(
+        job, manifest, skipped, rows, tokens, 0 if chunked else long_rows, elapsed, rate=(rows, tokens, elapsed),
         workers=workers,
         gpus_per_worker=gpus,
         long_text=job.long_text if chunked else None,

@@ -23,6 +23,7 @@ from runtime.tokenization import has_lone_surrogate
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 MAX_LISTED = 1000  # skipped line numbers kept for the summary (the count is always exact)
+MAX_ERRORS = 10  # skipped rows' messages kept for the summary
 BOM = "\ufeff"
 
 
@@ -63,7 +64,7 @@ class Skipped:
         self.count += 1
         if len(self.lines) < MAX_LISTED:
             self.lines.append(int(err.line or 0))
-        if len(self.first_errors) < 10:
+        if len(self.first_errors) < MAX_ERRORS:
             self.first_errors.append(str(err))
 
 
