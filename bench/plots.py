@@ -63,3 +63,50 @@ def latency_chart(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def quality_vs_size_chart(report: dict[str, Any], path: Path) -> None:
+    """nDCG@10 against bytes per vector (log scale), one line per long-text mode (``bench.long_docs``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (mode, info) in enumerate(report["modes"].items()):
+        variants = info["variants"]
+        names = sorted(variants, key=lambda n: variants[n]["bytes_per_vector"])
+        xs = [variants[n]["bytes_per_vector"] for n in names]
+        ys = [variants[n]["ndcg_at_10"] for n in names]
+        ax.plot(xs, ys, marker="o", color=f"C{i}", label=f"{mode} ({info['docs_per_s']:.0f} docs/s)")
+        for x, y, n in zip(xs, ys, names):
+            ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per vector")
+    ax.set_ylabel("SciFact nDCG@10")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def serve_chart(report: dict[str, Any], path: Path) -> None:
+    """p50 latency against docs/s (``bench.serve``): one line per server and items per request, points labelled N."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"runtime": "-", "naive": "--"}
+    for si, (name, server) in enumerate(report["servers"].items()):
+        for mi, m in enumerate(sorted({c["items_per_request"] for c in server["cells"]})):
+            cells = sorted((c for c in server["cells"] if c["items_per_request"] == m), key=lambda c: c["clients"])
+            xs, ys = [c["docs_per_s"] for c in cells], [c["p50_ms"] for c in cells]
+            ax.plot(xs, ys, styles.get(name, ":"), marker="o", color=f"C{2 * si + mi}", label=f"{name}, {m} item(s)/request")
+            for x, y, c in zip(xs, ys, cells):
+                ax.annotate(f"N={c['clients']}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.axvline(report["offline"]["docs_per_s"], color="k", linestyle=":", label="offline Encoder.encode")
+    ax.set_xlabel("docs/s")
+    ax.set_ylabel("p50 latency per request (ms)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    load = report["environment"].get("loadavg_at_start")
+    fig.suptitle(f"Serving, {report['environment']['cpu']} (load at start {load[0]:.1f})" if load else "Serving", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
