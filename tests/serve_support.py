@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import httpx
+from bench.serve import LocalServer, scrape
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,59 +41,19 @@ def live_server(app: Any) -> Iterator[str]:
         thread.join(30)
 
 
-class ServerProcess:
-    """``python -m runtime.serve`` as a subprocess on a free port of 127.0.0.1."""
+class ServerProcess(LocalServer):
+    """``python -m runtime.serve`` as a subprocess on a free port of 127.0.0.1 (``bench.serve.LocalServer``)."""
 
     def __init__(self, engine: Path, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "runtime.serve", "--engine", str(engine), "--port", str(self.port), "--log-level", "warning", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
-
-    def wait_healthy(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server not healthy in time")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def __enter__(self) -> "ServerProcess":
-        try:
-            self.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.stop()
+        port = free_port()
+        cmd = [sys.executable, "-m", "runtime.serve", "--engine", str(engine), "--port", str(port), "--log-level", "warning", *args]
+        super().__init__(cmd, port)
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in a Prometheus text exposition (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    key = f"{name}{{{want}}}" if want else name
-    for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.split()[-1])
-    return 0.0
+def metric(url: str, name: str, headers: dict[str, str] | None = None, **labels: str) -> float:
+    """One sample of a server's ``/metrics`` (0 when absent)."""
+    key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+    return scrape(url, headers).get(key, 0.0)
 
 
 class GatedEncoder:

@@ -48,10 +48,10 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(tiny_engine, gold
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while metric(httpx.get(f"{server.url}/metrics").text, "instructor_requests_in_progress") < n_requests:
+        while metric(server.url, "instructor_requests_in_progress") < n_requests:
             assert time.monotonic() < deadline, "the burst never arrived"
             time.sleep(0.01)
-        assert metric(httpx.get(f"{server.url}/metrics").text, "instructor_queue_items") > 0
+        assert metric(server.url, "instructor_queue_items") > 0
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
@@ -108,10 +108,9 @@ def test_load_64_clients_no_5xx_no_lost_request(tiny_engine, golden_inputs, gold
         started = time.monotonic()
         asyncio.run(run(server.url))
         elapsed = time.monotonic() - started
-        text = httpx.get(f"{server.url}/metrics").text
+        served = metric(server.url, "instructor_requests_total", endpoint="/v1/embeddings", status="200")
+        peak_rss = metric(server.url, "instructor_peak_rss_bytes")
         assert server.stop() == 0
-    served = metric(text, "instructor_requests_total", endpoint="/v1/embeddings", status="200")
-    peak_rss = metric(text, "instructor_peak_rss_bytes")
     print(f"\nload test: {LOAD_CLIENTS} clients, {elapsed:.1f} s: sent {counts['sent']}, answered {counts['answered']}, "
           f"statuses {statuses}, 5xx {counts['5xx']}, transport errors {counts['errors']}, wrong vectors {counts['wrong']}, "
           f"server peak RSS {peak_rss / 2**20:.0f} MiB")

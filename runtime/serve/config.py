@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.encoder import DEFAULT_MAX_PADDING, DEFAULT_MAX_TOKENS
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -15,10 +17,10 @@ class ServeConfig:
     model_name: str = ""  # the ``model`` reported in responses; default: the engine file's stem
     api_key: str | None = None
     instructions: dict[str, str] = field(default_factory=dict)
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = DEFAULT_MAX_TOKENS
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
-    max_padding: float = 0.2
+    max_padding: float = DEFAULT_MAX_PADDING  # the runtime's; see docs/serving.md for what larger values cost
     max_queue_tokens: int = 262144
     max_concurrent_requests: int = 512
     max_request_items: int = 2048

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
-def peak_rss_bytes() -> float:
-    """The process's peak resident set size (``getrusage``: kilobytes on Linux); 0 where unavailable."""
+def peak_rss_bytes(pid: int | str = "self") -> float:
+    """Peak resident memory of a process (Linux ``VmHWM``); 0 where /proc is not there.
+
+    Not ``getrusage``: its ``ru_maxrss`` survives ``exec``, so a server started from a big parent reports the parent's.
+    """
     try:
-        import resource
-    except ImportError:  # not on Windows
-        return 0.0
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
 class Metrics:

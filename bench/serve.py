@@ -1,0 +1,314 @@
+"""``python -m bench.serve``: the HTTP server under N closed-loop clients, against offline encoding and a naive server.
+
+In one run, on one engine and one corpus:
+1. offline: ``runtime.Encoder.encode`` over the whole corpus (median of ``--offline-repeats``), and single-item
+   ``Encoder.encode`` calls (the latency a server adds to is that of a direct call);
+2. ``python -m runtime.serve`` as a subprocess, driven by N closed-loop clients (``httpx``, one connection each)
+   sending requests of M consecutive corpus texts, for every N in ``--clients`` and M in ``--items``;
+3. the same clients against ``python -m bench.serve_naive`` (FastAPI + the PyTorch reference model, each request
+   encoded on its own), unless ``--no-naive``.
+Each cell runs ``--warmup`` seconds, then ``--seconds`` measured: docs/s counts the texts of requests answered
+200 inside the measured window, latencies are those requests' (p50/p95/p99). Every cell also reports requests
+sent and answered, 5xx, 429 and transport errors; each server its peak RSS (``VmHWM``) and exit code; the
+runtime server its batch sizes and padding per cell (from its ``/metrics``).
+Targets (reported, not asserted): N=16, M=1 at >= 80% of offline docs/s; N=1, M=1 p50 at most 2 ms above a direct
+``Encoder.encode`` call. Output: JSON and a PNG of latency against throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import environment, load_corpus, publish, timed, with_instruction
+
+SERVER_START_TIMEOUT = 300.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", type=Path, required=True, help="engine bundle to serve (e.g. an fp32 .onnx from python -m export)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint folder for the naive server. Default: the engine manifest's source checkpoint")
+    p.add_argument("--data", nargs="*", default=[], help="DATA_DIR (SciFact + STS layout) or .jsonl/.txt files; none: built-in corpus")
+    p.add_argument("--docs", type=int, default=1000, help="texts in the corpus. Default: 1000")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64], help="concurrent clients N. Default: 1 4 16 64")
+    p.add_argument("--items", type=int, nargs="+", default=[1, 32], help="texts per request M. Default: 1 32")
+    p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per cell. Default: 8")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each cell. Default: 2")
+    p.add_argument("--offline-repeats", type=int, default=3, help="offline passes over the corpus (median). Default: 3")
+    p.add_argument("--direct-calls", type=int, default=200, help="single-item Encoder.encode calls for the direct latency. Default: 200")
+    p.add_argument("--threads", type=int, default=0, help="engine/torch threads for every contender (0: all cores). Default: 0")
+    p.add_argument("--server-args", default="", help="extra arguments for python -m runtime.serve, e.g. '--max-wait-ms 2'")
+    p.add_argument("--no-naive", action="store_true", help="leave the naive FastAPI + PyTorch server out")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request counts as a transport error. Default: 120")
+    p.add_argument("--port", type=int, default=18080, help="port of the servers on 127.0.0.1. Default: 18080")
+    p.add_argument("--out", type=Path, default=Path("results/serve.json"), help="JSON results; the PNG goes beside it. Default: results/serve.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus sample. Default: 0")
+    return p.parse_args(argv)
+
+
+# -- servers as subprocesses -----------------------------------------------------------------------------------------
+
+
+class LocalServer:
+    """A server command run as a subprocess on 127.0.0.1; ``GET /health`` says when it is ready."""
+
+    def __init__(self, cmd: list[str], port: int, log: Path | None = None) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        out = open(log, "w", encoding="utf-8") if log else subprocess.DEVNULL  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+        self._out = out
+
+    def wait_healthy(self, timeout: float = SERVER_START_TIMEOUT) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                where = f" (log: {self.log})" if self.log else ""
+                raise RuntimeError(f"{self.proc.args[:4]} exited with {self.proc.returncode} before it was healthy{where}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.proc.args[:4]} not healthy after {timeout:.0f} s")
+
+    def peak_rss_bytes(self) -> int:
+        from runtime.serve.metrics import peak_rss_bytes
+
+        return int(peak_rss_bytes(self.proc.pid))
+
+    def stop(self, timeout: float = 120.0) -> int:
+        """SIGTERM, then the exit code (SIGKILL after ``timeout``)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        if self._out is not subprocess.DEVNULL:
+            self._out.close()
+        return code
+
+    def __enter__(self) -> "LocalServer":
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def scrape(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
+    """A server's Prometheus metrics as ``{'name{label="v",...}': value}`` (labels sorted)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", headers=headers, timeout=10).text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+# -- closed-loop clients ---------------------------------------------------------------------------------------------
+
+
+async def _drive(url: str, items: list[Any], clients: int, per_request: int, warmup: float, seconds: float, timeout: float) -> list[tuple[float, float, int]]:
+    """(start, end, status) of every request; status -1 for a transport error. Clients stop after the window."""
+    import httpx
+
+    records: list[tuple[float, float, int]] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as http:
+        end = time.perf_counter() + warmup + seconds
+
+        async def client(k: int) -> None:
+            pos = (k * len(items)) // clients
+            while time.perf_counter() < end:
+                batch = [items[(pos + j) % len(items)] for j in range(per_request)]
+                pos += per_request
+                started = time.perf_counter()
+                try:
+                    r = await http.post("/v1/embeddings", json={"input": batch, "encoding_format": "float"})
+                    status = r.status_code
+                except httpx.HTTPError:
+                    status = -1
+                records.append((started, time.perf_counter(), status))
+
+        await asyncio.gather(*(client(k) for k in range(clients)))
+    return records
+
+
+def run_cell(url: str, items: list[Any], clients: int, per_request: int, args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    records = asyncio.run(_drive(url, items, clients, per_request, args.warmup, args.seconds, args.timeout))
+    window_start, window_end = t0 + args.warmup, t0 + args.warmup + args.seconds
+    done = [(s, e) for s, e, status in records if status == 200 and window_start <= e <= window_end]
+    lat_ms = np.array([(e - s) * 1000 for s, e in done]) if done else np.array([np.nan])
+    statuses = [status for _, _, status in records]
+    return {
+        "clients": clients,
+        "items_per_request": per_request,
+        "docs_per_s": len(done) * per_request / args.seconds,
+        "requests_per_s": len(done) / args.seconds,
+        "p50_ms": float(np.percentile(lat_ms, 50)),
+        "p95_ms": float(np.percentile(lat_ms, 95)),
+        "p99_ms": float(np.percentile(lat_ms, 99)),
+        "measured_requests": len(done),
+        "sent": len(records),
+        "answered": sum(s != -1 for s in statuses),
+        "status_200": statuses.count(200),
+        "status_429": statuses.count(429),
+        "status_5xx": sum(s >= 500 for s in statuses),
+        "transport_errors": statuses.count(-1),
+    }
+
+
+def _runtime_cell_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Batch sizes, padding and queue time of one cell, from the runtime server's counters."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("instructor_batch_size_sum", "instructor_batch_size_count",
+         "instructor_tokens_total", "instructor_padded_tokens_total", "instructor_queue_seconds_sum", "instructor_queue_seconds_count")}
+    return {
+        "server_mean_batch_rows": d["instructor_batch_size_sum"] / max(d["instructor_batch_size_count"], 1),
+        "server_padding_waste": 1 - d["instructor_tokens_total"] / max(d["instructor_padded_tokens_total"], 1),
+        "server_mean_queue_ms": 1000 * d["instructor_queue_seconds_sum"] / max(d["instructor_queue_seconds_count"], 1),
+    }
+
+
+def run_server(name: str, cmd: list[str], items: list[Any], args: argparse.Namespace, log: Path) -> dict[str, Any]:
+    cells = []
+    with LocalServer(cmd, args.port, log) as server:
+        for m in args.items:
+            for n in args.clients:
+                before = scrape(server.url) if name == "runtime" else {}
+                cell = run_cell(server.url, items, n, m, args)
+                if name == "runtime":
+                    cell.update(_runtime_cell_stats(before, scrape(server.url)))
+                cells.append(cell)
+                print(f"{name:8s} N={n:3d} M={m:3d}: {cell['docs_per_s']:8.1f} docs/s  p50 {cell['p50_ms']:8.1f} ms  "
+                      f"p99 {cell['p99_ms']:8.1f} ms  sent {cell['sent']} 5xx {cell['status_5xx']} 429 {cell['status_429']}", file=sys.stderr)
+        peak = server.peak_rss_bytes()
+        code = server.stop()
+    return {"command": " ".join(_portable(cmd, args)), "cells": cells, "peak_rss_bytes": peak, "exit_code": code}
+
+
+# -- offline ----------------------------------------------------------------------------------------------------------
+
+
+def offline(engine: Path, items: list[Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Encoder.encode over the corpus (docs/s) and single-item calls (ms), in this process, before any server runs."""
+    from runtime import Encoder
+
+    options = {"intra_op_threads": args.threads} if args.threads else {}
+    with Encoder(engine, **options) as enc:
+        enc.encode(items)  # warm-up
+        times = [timed(lambda: enc.encode(items, batch_size=32)) for _ in range(args.offline_repeats)]
+        stats = enc.last_stats
+        single = []
+        for i in range(args.direct_calls):
+            single.append(timed(lambda: enc.encode([items[i % len(items)]])) * 1000)
+        info = {"embedding_dim": enc.embedding_dim, "max_seq_length": enc.max_seq_length, "precision": enc.manifest.precision,
+                "architecture": enc.manifest.data.get("architecture"), "backend": enc.backend.name,
+                "source_checkpoint": (enc.manifest.data.get("source") or {}).get("checkpoint")}  # dropped from the report
+        lengths = enc.tokenizer.encode(items).lengths
+    return {
+        "engine": info,
+        "docs_per_s": len(items) / statistics.median(times),
+        "seconds_all": times,
+        "padding_waste": stats.padding_waste,
+        "tokens_mean": float(lengths.mean()),
+        "tokens_p50_p95_max": [float(np.percentile(lengths, 50)), float(np.percentile(lengths, 95)), int(lengths.max())],
+        "direct_single_p50_ms": float(np.percentile(single, 50)),
+        "direct_single_p95_ms": float(np.percentile(single, 95)),
+    }
+
+
+def _portable(words: list[str], args: argparse.Namespace) -> list[str]:
+    """Words of a command or note with this machine's paths replaced: ``python``, ``DATA_DIR``, ``CHECKPOINT``, the engine's file name."""
+    roles = {sys.executable: "python", str(args.engine): args.engine.name, str(args.out): args.out.name, str(args.checkpoint or ""): "CHECKPOINT"}
+    roles.update({str(d): "DATA_DIR" if len(args.data) == 1 else f"DATA_DIR{i}" for i, d in enumerate(args.data)})
+    out = []
+    for w in words:
+        bare = w.rstrip(",")
+        out.append(roles.get(bare, bare) + w[len(bare):] if bare else w)
+    return out
+
+
+def targets(report: dict[str, Any]) -> dict[str, Any]:
+    cells = {(c["clients"], c["items_per_request"]): c for c in report["servers"]["runtime"]["cells"]}
+    out: dict[str, Any] = {}
+    if (16, 1) in cells:
+        share = cells[(16, 1)]["docs_per_s"] / report["offline"]["docs_per_s"]
+        out["n16_m1_share_of_offline"] = {"value": share, "target": 0.8, "met": share >= 0.8}
+    if (1, 1) in cells:
+        added = cells[(1, 1)]["p50_ms"] - report["offline"]["direct_single_p50_ms"]
+        out["n1_m1_added_p50_ms"] = {"value": added, "target": 2.0, "met": added <= 2.0}
+    for c in report["servers"]["runtime"]["cells"]:
+        c["share_of_offline"] = c["docs_per_s"] / report["offline"]["docs_per_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = environment()
+    docs, corpus_note = load_corpus(args.data, args.docs, args.seed)
+    from runtime.bundle import load_manifest
+
+    items = with_instruction(docs, load_manifest(args.engine).data.get("architecture") or "")
+    print(f"corpus: {corpus_note}; offline encoding ...", file=sys.stderr)
+    off = offline(args.engine, items, args)
+    print(f"offline: {off['docs_per_s']:.1f} docs/s, single-item call p50 {off['direct_single_p50_ms']:.2f} ms", file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    servers: dict[str, Any] = {}
+    cmd = [sys.executable, "-m", "runtime.serve", "--engine", str(args.engine), "--port", str(args.port), "--log-level", "warning",
+           *threads, *args.server_args.split()]
+    servers["runtime"] = run_server("runtime", cmd, items, args, args.out.with_suffix(".runtime.log"))
+    source = off["engine"]["source_checkpoint"]
+    args.checkpoint = args.checkpoint or (Path(source) if source else None)
+    checkpoint = args.checkpoint
+    if not args.no_naive:
+        if checkpoint is None or not checkpoint.is_dir():
+            print(f"naive server skipped: no checkpoint folder ({checkpoint}); pass --checkpoint", file=sys.stderr)
+        else:
+            cmd = [sys.executable, "-m", "bench.serve_naive", "--checkpoint", str(checkpoint), "--port", str(args.port), *threads]
+            servers["naive"] = run_server("naive", cmd, items, args, args.out.with_suffix(".naive.log"))
+    off["engine"].pop("source_checkpoint")
+    report: dict[str, Any] = {
+        "environment": env,
+        "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "corpus": " ".join(_portable(corpus_note.split(" "), args)),
+        "settings": {k: " ".join(_portable([str(v)], args)) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "data"},
+        "offline": off,
+        "servers": servers,
+    }
+    report["targets"] = targets(report)
+    for name, t in report["targets"].items():
+        print(f"target {name}: {t['value']:.3f} (target {t['target']}) {'met' if t['met'] else 'MISSED'}", file=sys.stderr)
+    from bench.plots import serve_chart
+
+    publish(report, args.out, serve_chart)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

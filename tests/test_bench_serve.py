@@ -1,0 +1,36 @@
+"""``python -m bench.serve`` end to end on the tiny engine, in a few seconds: both servers, JSON and PNG, no machine paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("matplotlib")
+
+from bench.serve import main  # noqa: E402
+from tests.serve_support import free_port  # noqa: E402
+
+
+def test_bench_serve_smoke(tmp_path, tiny_engine):
+    out = tmp_path / "serve.json"
+    rc = main(["--engine", str(tiny_engine), "--docs", "20", "--clients", "1", "--items", "1", "3", "--seconds", "0.5",
+               "--warmup", "0.2", "--offline-repeats", "1", "--direct-calls", "5", "--port", str(free_port()), "--out", str(out)])
+    assert rc == 0 and out.with_suffix(".png").stat().st_size > 0
+    text = out.read_text()
+    report = json.loads(text)
+    assert str(tmp_path) not in text and "/fixtures/" not in text  # paths are named by role, not by this machine's folders
+    assert report["offline"]["docs_per_s"] > 0 and report["offline"]["direct_single_p50_ms"] > 0
+    for name in ("runtime", "naive"):
+        server = report["servers"][name]
+        assert [(c["clients"], c["items_per_request"]) for c in server["cells"]] == [(1, 1), (1, 3)]
+        for cell in server["cells"]:
+            assert cell["status_5xx"] == 0 and cell["transport_errors"] == 0 and cell["answered"] == cell["sent"] > 0
+            assert cell["measured_requests"] > 0 and cell["p50_ms"] > 0
+        assert server["peak_rss_bytes"] > 0
+    assert report["servers"]["runtime"]["exit_code"] == 0
+    assert report["servers"]["runtime"]["command"].startswith("python -m runtime.serve --engine tiny.onnx")
+    assert 0 < report["servers"]["runtime"]["cells"][0]["share_of_offline"]
+    assert set(report["targets"]) == {"n1_m1_added_p50_ms"}  # no N=16 cell in this run
