@@ -107,6 +107,7 @@ def test_pipeline_with_a_small_random_lm(tmp_path):
         expected = brute_force(test, pool, costs, count(f"{x}\nanswer:"), Budget(1000, 250, True))
         assert row["selected"] == [f"p{i}" for i in expected]
         assert row["cosines"] == sorted(row["cosines"])  # most similar last
+        assert row["agreement"] == [POOL[i][1] == y for i in expected]
 
         # the LM's option losses: MetaICL's text layout, and each loss = HF's own mean cross-entropy of the option
         demos = [(f"{POOL[i][0]}\nanswer:", POOL[i][1]) for i in expected]
@@ -141,6 +142,25 @@ def test_answerability_follows_upstream_sampling_and_format(tmp_path):
     assert first.demo_output == ("True" if k % 3 else "False") and task.options == ["True", "False"]
     assert task.instruction == "Represent the Wikipedia sentence; Input: " and task.budget == Budget(1000)
     assert task.joined_cost and not task.center_tests
+
+
+def test_geoquery_follows_upstream_format(tmp_path):
+    def rows(n: int, split: str) -> list[dict]:
+        return [
+            {"id": i, "question": f"{split} q{i}", "query": f"SELECT {i} ;", "seq_in": f"{split} q{i} | geoquery", "sql_template": f"T{i % 2}"}
+            for i in range(n)
+        ]
+
+    (tmp_path / "geoquery_train.json").write_text(json.dumps(rows(6, "train")))
+    (tmp_path / "geoquery_eval.json").write_text(json.dumps(rows(4, "eval")))
+    task = task_defs.geoquery(tmp_path, n_tests=3)
+    assert len(task.pool) == 6 and len(task.tests) == 3
+    assert (task.pool[1].demo_input, task.pool[1].demo_output, task.pool[1].group) == ("-- train q1\n", "SELECT 1 ;\n\n", "T1")
+    assert task.tests[0].query.startswith("-- eval q") and task.tests[0].query.endswith("\nSELECT")
+    assert task.prefix == task_defs.GEOQUERY_HEADER and task.budget == Budget(3800) and not task.options
+    (tmp_path / "geoquery_eval.json").write_text(json.dumps([{"question": "q"}]))
+    with pytest.raises(DataError, match=r"geoquery_eval\.json: \[0\]: missing field\(s\) \['query', 'seq_in', 'sql_template'\]"):
+        task_defs.geoquery(tmp_path)
 
 
 def test_missing_files_and_tokenizer_are_named(tmp_path, capsys):

@@ -39,7 +39,10 @@ Token counts come from --tokenizer (default: the --lm folder's tokenizer; upstre
 --instructions task none runs both the task's instruction and plain text in one invocation, for comparison.
 
 Output (--output-dir): prompts-<mode>.jsonl (per test: the selected pool ids in prompt order, their cosines, the
-prompt's token count, and with --lm the prediction and option losses), summary.json and summary.md.
+prompt's token count, whether each demonstration shares the test's group, and with --lm the prediction and option
+losses), summary.json and summary.md. Diagnostics without an LM: demo agreement (the share of a prompt's
+demonstrations in the test's group: same label; GeoQuery: same SQL template) and nearest agreement (the same for
+the most similar demonstration), averaged over the tests.
 """
 
 
@@ -102,7 +105,7 @@ def run_mode(task: task_defs.Task, encoder: SentenceEncoder, instruction: str | 
             "cosines": [float(scores[i]) for i in chosen],
             "prompt_tokens": int(start + costs[chosen].sum()),
             "answer": test.answer,
-            "demo_answers": [task.pool[i].demo_output for i in chosen],
+            "agreement": [task.pool[i].group == test.group for i in chosen],
         }
         if lm is not None and task.options:
             demos = [(task.pool[i].demo_input, task.pool[i].demo_output) for i in chosen]
@@ -115,22 +118,21 @@ def run_mode(task: task_defs.Task, encoder: SentenceEncoder, instruction: str | 
         "demos_median": statistics.median(len(r["selected"]) for r in rows),
         "prompt_tokens_median": statistics.median(r["prompt_tokens"] for r in rows),
     }
-    if task.options:
-        stats["demo_answer_agreement"] = statistics.fmean(
-            statistics.fmean(a == r["answer"] for a in r["demo_answers"]) for r in rows if r["demo_answers"]
-        )
-        stats["nearest_answer_agreement"] = statistics.fmean(r["demo_answers"][-1] == r["answer"] for r in rows if r["demo_answers"])
+    with_demos = [r["agreement"] for r in rows if r["agreement"]]
+    if with_demos:
+        stats["demo_agreement"] = statistics.fmean(statistics.fmean(a) for a in with_demos)
+        stats["nearest_agreement"] = statistics.fmean(a[-1] for a in with_demos)
     if any("prediction" in r for r in rows):
         stats["accuracy"] = statistics.fmean(r["prediction"] == r["answer"] for r in rows)
     return rows, stats
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    cols = ["mode", "instruction", "tests", "demos (mean)", "prompt tokens (median)", "demo answer agreement", "nearest answer agreement", "accuracy"]
+    cols = ["mode", "instruction", "tests", "demos (mean)", "prompt tokens (median)", "demo agreement", "nearest agreement", "accuracy"]
     lines = [f"Task `{summary['task']}` ({summary['source']}), embedder `{summary['engine']}`, LM: {summary['lm'] or 'none'}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for mode, s in summary["modes"].items():
         cells = [mode, f"`{s['instruction']}`" if s["instruction"] else "(none)", str(s["tests"]), f"{s['demos_mean']:.1f}", f"{s['prompt_tokens_median']:.0f}"]
-        cells += [f"{s[k]:.3f}" if k in s else "" for k in ("demo_answer_agreement", "nearest_answer_agreement", "accuracy")]
+        cells += [f"{s[k]:.3f}" if k in s else "" for k in ("demo_agreement", "nearest_agreement", "accuracy")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -25,6 +25,7 @@ class Example:
     demo_output: str
     query: str  # the input when this example is the test one
     answer: str  # gold output (an option's text for option tasks)
+    group: str  # what a good demonstration shares with the test (label; GeoQuery: SQL template), for diagnostics
 
 
 @dataclass
@@ -76,7 +77,8 @@ def answerability(data_dir: Path, seed: int = 0, n_tests: int = 256, n_pool: int
         if label not in ANSWERABILITY_LABELS:
             raise DataError(f"{path}: Instances[{k}]: output {label!r} is not one of {list(ANSWERABILITY_LABELS)}")
         text = f"{sentence}\n. Based on that information, can we know {question}\nanswer:"
-        return Example(str(i), f"{sentence}\n{question}", text, ANSWERABILITY_LABELS[label], text, ANSWERABILITY_LABELS[label])
+        answer = ANSWERABILITY_LABELS[label]
+        return Example(str(i), f"{sentence}\n{question}", text, answer, text, answer, answer)
 
     return Task(
         name="answerability",
@@ -106,11 +108,12 @@ def geoquery(data_dir: Path, seed: int = 0, n_tests: int = 256) -> Task:
         rows = read_json(path)
         out = []
         for k, row in enumerate(rows):
-            missing = [f for f in ("question", "query", "seq_in") if f not in row]
+            missing = [f for f in ("question", "query", "seq_in", "sql_template") if f not in row]
             if missing:
                 raise DataError(f"{path}: [{k}]: missing field(s) {missing}")
             q = row["question"]
-            out.append(Example(str(row.get("id", k)), row["seq_in"], f"-- {q}\n", f"{row['query']}\n\n", f"-- {q}\nSELECT", row["query"]))
+            demo = (f"-- {q}\n", f"{row['query']}\n\n")
+            out.append(Example(str(row.get("id", k)), row["seq_in"], *demo, f"-- {q}\nSELECT", row["query"], row["sql_template"]))
         return out
 
     pool, evals = examples(train_path), examples(eval_path)
@@ -138,7 +141,10 @@ def jsonl_task(folder: Path, instruction: str | None, options: list[str] | None 
         for lineno, row in enumerate(rows, 1):
             if not isinstance(row["input"], str) or not isinstance(row["output"], str):
                 raise DataError(f"{path}: row {lineno}: input and output must be strings")
-        return [Example(str(r.get("id", i)), str(r.get("embed", r["input"])), r["input"], r["output"], r["input"], r["output"]) for i, r in enumerate(rows)]
+        return [
+            Example(str(r.get("id", i)), str(r.get("embed", r["input"])), r["input"], r["output"], r["input"], r["output"], r["output"])
+            for i, r in enumerate(rows)
+        ]
 
     pool, tests = examples(folder / "pool.jsonl"), examples(folder / "test.jsonl")
     return Task(
