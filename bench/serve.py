@@ -43,14 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--docs", type=int, default=1000, help="texts in the corpus. Default: 1000")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64], help="concurrent clients N. Default: 1 4 16 64")
     p.add_argument("--items", type=int, nargs="+", default=[1, 32], help="texts per request M. Default: 1 32")
-    p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per cell. Default: 8")
+    p.add_argument("--seconds", type=float, default=6.0, help="measured seconds per cell. Default: 6")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each cell. Default: 2")
     p.add_argument("--offline-repeats", type=int, default=3, help="offline passes over the corpus (median). Default: 3")
     p.add_argument("--direct-calls", type=int, default=200, help="single-item Encoder.encode calls for the direct latency. Default: 200")
     p.add_argument("--threads", type=int, default=0, help="engine/torch threads for every contender (0: all cores). Default: 0")
     p.add_argument("--server-args", default="", help="extra arguments for python -m runtime.serve, e.g. '--max-wait-ms 2'")
     p.add_argument("--no-naive", action="store_true", help="leave the naive FastAPI + PyTorch server out")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request counts as a transport error. Default: 120")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as a transport error. Default: 60")
     p.add_argument("--port", type=int, default=18080, help="port of the servers on 127.0.0.1. Default: 18080")
     p.add_argument("--out", type=Path, default=Path("results/serve.json"), help="JSON results; the PNG goes beside it. Default: results/serve.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus sample. Default: 0")
@@ -91,8 +91,9 @@ class LocalServer:
 
         return int(peak_rss_bytes(self.proc.pid))
 
-    def stop(self, timeout: float = 120.0) -> int:
-        """SIGTERM, then the exit code (SIGKILL after ``timeout``)."""
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then the exit code (SIGKILL after ``timeout``: a naive server may still be computing the requests
+        of clients that timed out)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:

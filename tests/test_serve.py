@@ -102,6 +102,7 @@ BAD_REQUESTS = [
     # (path, raw body or JSON, status, words the message must contain)
     ("/v1/embeddings", b'{"input": ["a"', 400, ["malformed JSON", "line 1"]),
     ("/v1/embeddings", b'{"input": ["ok", "\\ud800 lone"]}', 400, ["input[1]", "lone surrogate"]),
+    ("/v1/embeddings", b"[" * 50_000 + b"]" * 50_000, 400, ["nested too deeply"]),
     ("/v1/embeddings", {"input": ["ok", ["I", "t", 0, "extra"]]}, 400, ["input[1]", "4 elements"]),
     ("/v1/embeddings", {"input": ["ok", ["I", 5]]}, 400, ["input[1]", "text"]),
     ("/v1/embeddings", {"input": []}, 400, ["empty"]),
@@ -250,3 +251,22 @@ print("ok")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().endswith("ok")
+
+
+def test_engine_failure_is_a_500_for_that_request_only(tiny_engine):
+    class FailsOnce(GatedEncoder):
+        armed = False
+
+        def encode_tokenized(self, encoded, *args, **kwargs):
+            if self.armed:
+                self.armed = False
+                raise RuntimeError("engine exploded")
+            return super().encode_tokenized(encoded, *args, **kwargs)
+
+    broken = FailsOnce(Encoder(tiny_engine))
+    with live_server(create_app(ServeConfig(engine=tiny_engine), opener=lambda: broken)) as url:
+        broken.armed = True
+        r = httpx.post(f"{url}/v1/embeddings", json={"input": ["x"]})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error" and "engine exploded" in r.json()["error"]["message"]
+        assert httpx.post(f"{url}/v1/embeddings", json={"input": ["x"]}).status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200

@@ -127,6 +127,7 @@ class Batcher:
         lengths = encoded.lengths
         tokens = int(lengths.sum())
         job = _Job(encoded, lengths, np.empty((len(lengths), self.encoder.embedding_dim), np.float32), Future(), time.monotonic())
+        job.future.set_running_or_notify_cancel()  # from now on it cannot be cancelled, so setting its result never races
         with self._cond:
             if self._stopping or not self._thread.is_alive():
                 raise ShuttingDown("the server is shutting down")

@@ -40,6 +40,8 @@ def parse_json(body: bytes) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise ApiError(400, f"malformed JSON body: {getattr(exc, 'msg', exc)}{where}", "invalid_json") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "malformed JSON body: nested too deeply", "invalid_json") from exc
 
 
 def parse_openai(data: Any, instructions: dict[str, str], dim: int, max_items: int) -> EmbedRequest:
