@@ -105,8 +105,9 @@ def serve_chart(report: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    load = report["environment"].get("loadavg_at_start")
-    fig.suptitle(f"Serving, {report['environment']['cpu']} (load at start {load[0]:.1f})" if load else "Serving", fontsize=9)
+    start, end = report["environment"].get("loadavg_at_start"), report.get("loadavg_at_end")
+    load = f" (load {start[0]:.1f} at start, {end[0]:.1f} at end)" if start and end else ""
+    fig.suptitle(f"Serving, {report['environment']['cpu']}{load}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
