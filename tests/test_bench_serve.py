@@ -33,4 +33,7 @@ def test_bench_serve_smoke(tmp_path, tiny_engine):
     assert report["servers"]["runtime"]["exit_code"] == 0
     assert report["servers"]["runtime"]["command"].startswith("python -m runtime.serve --engine tiny.onnx")
     assert 0 < report["servers"]["runtime"]["cells"][0]["share_of_offline"]
+    paired = report["servers"]["runtime"]["paired_single_item"]
+    assert paired["calls"] == 5 and paired["server_p50_ms"] > 0 and paired["direct_p50_ms"] > 0
+    assert report["targets"]["n1_m1_added_p50_ms"]["value"] == paired["added_p50_ms"]
     assert set(report["targets"]) == {"n1_m1_added_p50_ms"}  # no N=16 cell in this run
