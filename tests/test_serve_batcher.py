@@ -86,6 +86,13 @@ def test_lone_request_waits_at_most_max_wait(encoder):
     b.close()
     assert waited >= 0.14  # it waited for the announced request ...
     assert waited < 5  # ... but not for ever
+    b2 = make(encoder, max_wait_ms=3000)
+    with b2.arriving() as arrival:  # the announced request is this one: once submitted, nothing else is coming
+        t0 = time.monotonic()
+        b2.submit(enc, arrival).result(timeout=10)
+        counted_out = time.monotonic() - t0
+    b2.close()
+    assert counted_out < 2.5  # submitting with its Arrival ends the wait for it (else 3 s)
 
 
 def test_queue_full_then_drain_on_close(gated, encoder):

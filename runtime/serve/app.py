@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata as md
 import platform
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from runtime.encoder import Encoder
-from runtime.serve.batcher import Batcher, QueueFull, ShuttingDown
+from runtime.serve.batcher import Arrival, Batcher, QueueFull, ShuttingDown
 from runtime.serve.config import ServeConfig
 from runtime.serve.errors import EXCEPTION_HANDLERS, ApiError, error_response
 from runtime.serve.metrics import Metrics
@@ -144,26 +144,20 @@ class Service:
         self.in_flight += 1
         self.metrics.in_progress.set(self.in_flight)
         try:
-            with self.batcher.arriving():
+            with self.batcher.arriving() as arrival:
                 body = await _read_body(request, self.config.payload_limit)
                 loop = asyncio.get_running_loop()
-                req, encoded = await loop.run_in_executor(self.pool, self._prepare, body, parser)
-            try:
-                future = self.batcher.submit(encoded)
-            except QueueFull as exc:
-                raise ApiError(429, f"server overloaded: {exc}; retry after {exc.retry_after} s", "queue_full",
-                               headers={"Retry-After": str(exc.retry_after)}) from exc
-            except ShuttingDown as exc:
-                raise ApiError(503, str(exc), "unavailable") from exc
+                req, encoded, future = await loop.run_in_executor(self.pool, self._prepare, body, parser, arrival)
             vectors = await asyncio.wrap_future(future)
             return req, encoded, vectors
         finally:
             self.in_flight -= 1
             self.metrics.in_progress.set(self.in_flight)
 
-    def _prepare(self, body: bytes, parser: Parser) -> tuple[EmbedRequest, Encoded]:
-        """In a tokenizer thread: JSON, validation and tokenization of one request."""
-        assert self.encoder is not None
+    def _prepare(self, body: bytes, parser: Parser, arrival: Arrival) -> tuple[EmbedRequest, Encoded, Future]:
+        """In a tokenizer thread: JSON, validation, tokenization, and the hand-over to the batcher (from this thread,
+        so the inference thread hears of the rows without a detour through the event loop)."""
+        assert self.encoder is not None and self.batcher is not None
         req = parser(parse_json(body), self.config.instructions, self.encoder.embedding_dim, self.config.max_request_items)
         if not req.normalize and self._engine_normalizes:
             raise ApiError(400, "normalize=false is not available: this engine L2-normalizes inside its graph", "invalid_value", "normalize")
@@ -172,7 +166,13 @@ class Service:
             i = int(np.flatnonzero(encoded.truncated)[0])
             raise ApiError(413, f"inputs[{i}] is longer than the model's max_seq_length of {self.encoder.max_seq_length} tokens "
                            "(send truncate=true to cut it, as the reference does)", "input_too_long", "inputs")
-        return req, encoded
+        try:
+            return req, encoded, self.batcher.submit(encoded, arrival)
+        except QueueFull as exc:
+            raise ApiError(429, f"server overloaded: {exc}; retry after {exc.retry_after} s", "queue_full",
+                           headers={"Retry-After": str(exc.retry_after)}) from exc
+        except ShuttingDown as exc:
+            raise ApiError(503, str(exc), "unavailable") from exc
 
     async def _serialize(self, vectors: np.ndarray, fn: Callable[..., bytes], *args: Any) -> bytes:
         if vectors.size <= OFF_LOOP_VALUES:

@@ -66,6 +66,13 @@ class _Job:
 
 
 @dataclass
+class Arrival:
+    """One announced request (``Batcher.arriving``); ``submit`` counts it out, so the wait for it ends at once."""
+
+    counted_out: bool = False
+
+
+@dataclass
 class _Pool:
     spans: list[tuple[_Job, int, int]] = field(default_factory=list)  # (job, first row, end row)
     rows: int = 0
@@ -111,24 +118,32 @@ class Batcher:
         return self._thread.is_alive() and not self._stopping
 
     @contextmanager
-    def arriving(self) -> Iterator[None]:
-        """Around reading and tokenizing a request: tells the inference thread that more rows are coming."""
+    def arriving(self) -> Iterator[Arrival]:
+        """Around reading and tokenizing a request: tells the inference thread that more rows are coming, until the
+        request is submitted (pass the ``Arrival`` to ``submit``) or the block ends."""
+        arrival = Arrival()
         with self._cond:
             self._arriving += 1
         try:
-            yield
+            yield arrival
         finally:
             with self._cond:
-                self._arriving -= 1
+                self._count_out(arrival)
                 self._cond.notify_all()
 
-    def submit(self, encoded: Encoded) -> Future:
-        """Queue one request's rows; the future's result is their float32 ``[rows, dim]`` vectors, in order."""
+    def _count_out(self, arrival: Arrival | None) -> None:
+        if arrival is not None and not arrival.counted_out:
+            arrival.counted_out = True
+            self._arriving -= 1
+
+    def submit(self, encoded: Encoded, arrival: Arrival | None = None) -> Future:
+        """Queue one request's rows (from any thread); the future's result is their float32 ``[rows, dim]`` vectors."""
         lengths = encoded.lengths
         tokens = int(lengths.sum())
         job = _Job(encoded, lengths, np.empty((len(lengths), self.encoder.embedding_dim), np.float32), Future(), time.monotonic())
         job.future.set_running_or_notify_cancel()  # from now on it cannot be cancelled, so setting its result never races
         with self._cond:
+            self._count_out(arrival)
             if self._stopping or not self._thread.is_alive():
                 raise ShuttingDown("the server is shutting down")
             if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
