@@ -16,7 +16,8 @@ from trainer.checkpoint import CheckpointError
 DESCRIPTION = """\
 Export an INSTRUCTOR (or BERT-family sentence-transformers) checkpoint to an engine bundle.
 
-The engine kind follows the extension of --out: .onnx (ONNX Runtime) or .plan (TensorRT).
+The engine kind follows the extension of --out: .onnx (ONNX Runtime), .plan (TensorRT) or .pt2
+(torch.export + AOTInductor: compiled for the --device it is exported on, runs with that torch version only).
 Beside PATH the bundle holds PATH.manifest.json (what the engine is, and the parity measured here)
 and PATH.tokenizer.json; a .plan also keeps PATH.onnx, the graph it was built from.
 Every export is checked against the PyTorch model on a calibration set (golden probes, real sentences,
@@ -24,18 +25,18 @@ and rows of max_seq_length tokens) before it is kept: below the gate the command
 engine behind. Exit 2: bad checkpoint, unwritable output, or a missing optional dependency.
 
 precisions:
-  fp32  .onnx graph-optimized for ONNX Runtime (kept only if it still passes the fp32 gate); .plan in fp32
+  fp32  .onnx graph-optimized for ONNX Runtime (kept only if it still passes the fp32 gate); .plan, .pt2 in fp32
   int8  .onnx for the CPU: dynamic quantization of the encoder's MatMul weights
-  fp16  .onnx (ORT CUDA EP; ORT's CPU EP runs it too) or .plan: MatMuls in fp16, with the residual stream,
-        norms, softmax, FF output (wo) and pooling in fp32
-  bf16  as fp16 with bfloat16 (GPU only: a .onnx needs onnxruntime-gpu to be verified)
+  fp16  .onnx (ORT CUDA EP; ORT's CPU EP runs it too), .plan or .pt2: MatMuls in fp16, with the residual
+        stream, norms, softmax, FF output (wo) and pooling in fp32
+  bf16  as fp16 with bfloat16 (a .onnx needs onnxruntime-gpu to be verified; a .pt2 also builds for the CPU)
 """
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="sentence-transformers folder (hkunlp INSTRUCTOR layout, or e.g. all-MiniLM-L6-v2)")
-    p.add_argument("--out", required=True, help="engine path: NAME.onnx or NAME.plan")
+    p.add_argument("--out", required=True, help="engine path: NAME.onnx, NAME.plan or NAME.pt2")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="see below. Default: fp32")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17). Default: 17")
     p.add_argument(
@@ -61,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--reference-device",
         default="cpu",
         help="device of the fp32 PyTorch reference for the parity check (e.g. cuda; TF32 stays off). Default: cpu",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help=".pt2: the device the engine is compiled for and will run on: cpu, cuda or cuda:N "
+        "(auto: cuda when torch sees a GPU, else cpu). Default: auto",
     )
     trt = p.add_argument_group(".plan (TensorRT) options")
     trt.add_argument("--max-batch", type=int, default=32, help="largest batch the engine accepts. Default: 32")
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         opt_seq=args.opt_seq,
         timing_cache=args.timing_cache,
         reference_device=args.reference_device,
+        device=args.device,
     )
     try:
         manifest = export_bundle(args.checkpoint, args.out, opts)

@@ -9,7 +9,9 @@ Per precision (see ``make_engine``):
 - ``int8`` ``.onnx``: dynamic MatMul quantization (per-channel or per-tensor, whichever measures better), with the
   FF MatMuls stepped back to fp32 only if the full quantization misses the gate;
 - ``fp16``/``bf16`` ``.onnx``: the fp32 graph with low-precision MatMuls and fp32 islands (``mixed_precision``);
-- ``.plan``: TensorRT built from the fp32 or mixed-precision graph, which the bundle keeps as ``PATH.onnx``.
+- ``.plan``: TensorRT built from the fp32 or mixed-precision graph, which the bundle keeps as ``PATH.onnx``;
+- ``.pt2``: ``torch.export`` + AOTInductor for the device it is exported on, fp16/bf16 with the same fp32 islands
+  (``export.pt2``).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class ExportOptions:
     opt_seq: int | None = None  # .plan profile; default min(128, max_seq_length)
     timing_cache: Path = DEFAULT_TIMING_CACHE
     reference_device: str = "cpu"  # where the fp32 PyTorch reference runs ("cuda" for large models on a GPU box)
+    device: str = "auto"  # .pt2: the device it is compiled for (auto: cuda when torch sees a GPU, else cpu)
 
 
 def onnx_runner(path: Path, precision: str = "fp32") -> tuple[Runner, str]:
@@ -144,6 +147,10 @@ def _int8_onnx(base: Path, workdir: Path, opts: ExportOptions, verifier: Verifie
 
 def make_engine(model: InstructorModel, workdir: Path, out: Path, opts: ExportOptions, verifier: Verifier):
     """Write the engine for ``opts.precision`` into ``workdir``; return (path, parity report, extra manifest fields)."""
+    if engine_kind(out) == "pt2":
+        from export.pt2 import make_pt2_engine
+
+        return make_pt2_engine(model, workdir, out, opts.precision, opts.device, verifier)
     base = export_onnx(model, workdir / "fp32.onnx", opts.opset)
     ff = ff_width(model.auto_model.config)
     if engine_kind(out) == "tensorrt":
@@ -186,12 +193,16 @@ def _profile(model: InstructorModel, opts: ExportOptions) -> Profile:
     return profile
 
 
-def _check_dependencies(kind: str, precision: str) -> None:
+def _check_dependencies(kind: str, precision: str, device: str = "auto") -> None:
     """Before the slow part: say what to install if this export cannot be built or verified here."""
     if kind == "tensorrt":
         from export.tensorrt import require_tensorrt
 
         require_tensorrt()
+    elif kind == "pt2":
+        from export.pt2 import resolve_device
+
+        resolve_device(device)
     elif precision == "bf16":
         require_bf16_provider()
 
@@ -223,7 +234,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
     kind = engine_kind(out)
     if opts.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {opts.precision!r} (choose from {', '.join(PRECISIONS)})")
-    _check_dependencies(kind, opts.precision)
+    _check_dependencies(kind, opts.precision, opts.device)
     _check_output(out)
     model = InstructorModel.from_pretrained(checkpoint)
     plan = kind == "tensorrt"

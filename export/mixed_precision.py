@@ -1,11 +1,8 @@
-"""fp16/bf16 ONNX with FP32 islands, as a small pass over the fp32 graph (precision lives in the graph).
+"""fp16/bf16 ONNX with fp32 islands, as a small pass over the fp32 graph (precision lives in the graph).
 
-Computed in the low precision: the encoder's MatMuls (q, k, v, QK^T, attention x V, attention output, FF input),
-plus the layout ops, bias Adds and constant scalings fed by them, so that no Cast round trip sits between two
-low-precision ops. Everything else stays fp32: the residual stream, RMSNorm/LayerNorm math, softmax and position
-bias, the FF output projection (``wo``, whose outputs exceed 65504 in T5 models and overflow fp16), the
-embedding lookup, and the whole head (pooling sums, Dense, L2 norm). Casts are inserted at the island borders;
-weights used only by low-precision nodes are stored in the low precision.
+Which nodes compute in the low precision is ``export.precision_rule`` (shared with the ``.pt2`` path): the encoder's
+MatMuls except the FF output (``wo``), plus the layout ops and constant scalings fed by them. Casts are inserted at
+the island borders; weights used only by low-precision nodes are stored in the low precision.
 
 This is what TensorRT's strongly typed networks build as written, and what ONNX Runtime's CUDA EP runs. ORT's
 own ``float16.convert_float_to_float16`` has no bf16 and a name/op block list that cannot say "the FF output
@@ -24,35 +21,41 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export.onnx_graph import ENCODER_SCOPE
+from export.precision_rule import FP32_ISLANDS, LAYOUT, ONNX_KINDS, OTHER, PRODUCT, PROJECTION, SCALING, runs_low
 
 LOW_TYPES = {"fp16": (TensorProto.FLOAT16, np.float16), "bf16": (TensorProto.BFLOAT16, ml_dtypes.bfloat16)}
-LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
-ELEMENTWISE_WITH_CONSTANT = {"Add", "Mul", "Div"}
 
 
 def low_precision_nodes(graph: onnx.GraphProto, ff_width: int) -> set[str]:
-    """Names of the nodes to compute in the low precision (see the module docstring); ``wo`` has ``ff_width`` rows."""
+    """Names of the nodes to compute in the low precision (``export.precision_rule``); ``wo`` has ``ff_width`` rows."""
     inits = {i.name: i for i in graph.initializer}
     constants = set(inits) | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     producer = {out: n.name for n in graph.node for out in n.output}
     low: set[str] = set()
     for node in graph.node:  # torch.onnx writes nodes in topological order: one pass sees producers first
         from_low = [producer.get(i) in low for i in node.input]
-        if node.op_type == "MatMul" and node.name.startswith(ENCODER_SCOPE):
+        kind = ONNX_KINDS.get(node.op_type, OTHER)
+        fed, constant, in_features = bool(from_low and from_low[0]), False, None
+        if kind == PROJECTION:
             weight = inits.get(node.input[1])
-            if weight is None or not (len(weight.dims) == 2 and weight.dims[0] == ff_width):
-                low.add(node.name)
-        elif node.op_type in LAYOUT_OPS and from_low[0]:
+            if weight is not None and len(weight.dims) == 2:
+                in_features = int(weight.dims[0])  # ONNX MatMul weights are [in, out]
+            else:
+                kind = PRODUCT
+        elif kind == SCALING:
+            if len(node.input) != 2:
+                kind = OTHER
+            else:
+                a, b = node.input
+                fed, constant = (from_low[0], b in constants) if from_low[0] else (from_low[1], a in constants)
+        rule = dict(in_encoder=node.name.startswith(ENCODER_SCOPE), fed_by_low=fed, other_operand_constant=constant)
+        if runs_low(kind, weight_in_features=in_features, ff_width=ff_width, **rule):
             low.add(node.name)
-        elif node.op_type in ELEMENTWISE_WITH_CONSTANT and len(node.input) == 2:
-            a, b = node.input
-            if (from_low[0] and b in constants) or (from_low[1] and a in constants):
-                low.add(node.name)
     return low
 
 
 def _float_inputs(node: onnx.NodeProto) -> list[int]:
-    return [0] if node.op_type in LAYOUT_OPS else list(range(len(node.input)))
+    return [0] if ONNX_KINDS.get(node.op_type) == LAYOUT else list(range(len(node.input)))
 
 
 def convert(src: Path, dst: Path, precision: str, ff_width: int) -> dict[str, Any]:
@@ -108,6 +111,6 @@ def convert(src: Path, dst: Path, precision: str, ff_width: int) -> dict[str, An
         "low_precision": {"fp16": "float16", "bf16": "bfloat16"}[precision],
         "low_precision_ops": dict(sorted(Counter(n.op_type for n in nodes if n.name in low).items())),
         "fp32_matmuls": kept,
-        "fp32_islands": "residual stream, RMSNorm/LayerNorm, softmax + position bias, FF output (wo), embeddings, pooling sums, Dense, L2 norm",
+        "fp32_islands": FP32_ISLANDS,
         "casts": len(casts),
     }

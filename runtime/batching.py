@@ -15,6 +15,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+# The default token budget of a GPU backend (a backend's ``default_max_tokens``): 128 rows of 512 tokens, where a
+# T5-large batch keeps a datacenter GPU's tensor cores busy; the CPU default (``runtime.encoder``) is 4x smaller.
+GPU_MAX_TOKENS = 65536
+
 
 @dataclass
 class BatchStats:

@@ -1,8 +1,8 @@
 """The engine bundle: an engine file with two sidecars, so that one path is enough to run it.
 
-For an engine ``PATH`` (``large.onnx`` or ``large.plan``) the bundle is:
+For an engine ``PATH`` (``large.onnx``, ``large.plan`` or ``large.pt2``) the bundle is:
 
-- ``PATH``: the engine itself (an ONNX model, or a serialized TensorRT engine);
+- ``PATH``: the engine itself (an ONNX model, a serialized TensorRT engine, or an AOTInductor package);
 - ``PATH.manifest.json``: what it is (see ``Manifest``), written last by the exporter;
 - ``PATH.tokenizer.json``: the checkpoint's ``tokenizer.json``, whose sha256 the manifest records;
 - for ``.plan`` also ``PATH.onnx``: the ONNX graph it was built from (to rebuild on another GPU).
@@ -28,7 +28,7 @@ from runtime.tokenization import INSTRUCTION_RULES_VERSION, InstructionTokenizer
 MANIFEST_FORMAT = "instructor-engine/1"
 INPUT_NAMES = ("input_ids", "attention_mask", "instruction_count")
 OUTPUT_NAME = "sentence_embedding"
-ENGINE_KINDS = {".onnx": "onnx", ".plan": "tensorrt"}
+ENGINE_KINDS = {".onnx": "onnx", ".plan": "tensorrt", ".pt2": "pt2"}
 
 
 class EngineError(RuntimeError):
@@ -50,7 +50,7 @@ def source_onnx_path(engine: str | Path) -> Path:
 def engine_kind(engine: str | Path) -> str:
     suffix = Path(engine).suffix.lower()
     if suffix not in ENGINE_KINDS:
-        raise EngineError(f"{engine}: unknown engine kind {suffix!r} (expected .onnx or .plan)")
+        raise EngineError(f"{engine}: unknown engine kind {suffix!r} (expected {', '.join(ENGINE_KINDS)})")
     return ENGINE_KINDS[suffix]
 
 

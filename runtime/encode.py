@@ -17,7 +17,8 @@ from runtime.atomic import publish
 from runtime.bundle import EngineError
 from runtime.chunking import LONG_TEXT, POOLING
 from runtime.deps import MissingDependency
-from runtime.encoder import Encoder, Window
+from runtime.batching import GPU_MAX_TOKENS
+from runtime.encoder import DEFAULT_MAX_TOKENS, Encoder, Window
 from runtime.job import CHUNK_OUTPUT, DEVICES, ON_ERROR, EncodeJob, RayOptions, RunSummary
 from runtime.locks import ExclusiveLock, LockHeld
 from runtime.output_dtype import NEEDS_RANGES, OUTPUT_DTYPES, calibration_ranges, load_ranges, ranges_path, save_ranges
@@ -29,7 +30,8 @@ EXIT_INPUT = 1  # bad input data (the message names file, line and field)
 EXIT_SETUP = 2  # engine missing/corrupt/mismatched, bad options, output in the way, disk or permission trouble
 
 DESCRIPTION = """\
-Embed a file of documents with an exported engine (.onnx via ONNX Runtime, .plan via TensorRT); no torch.
+Embed a file of documents with an exported engine (.onnx via ONNX Runtime, .plan via TensorRT; no torch), or a
+.pt2 (torch.export + AOTInductor, run by the torch version and on the device it was built for).
 
 Input (one document per row): .txt (a document per line), .jsonl (one JSON object per line; blank lines are
 skipped), .csv/.tsv (with a header row), .parquet; a UTF-8 byte-order mark is fine. Each row's text is
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runtime.encode", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--engine", required=True, help="engine bundle: NAME.onnx or NAME.plan (from `python -m export`)")
+    p.add_argument("--engine", required=True, help="engine bundle: NAME.onnx, NAME.plan or NAME.pt2 (from `python -m export`)")
     p.add_argument("--input", required=True, type=Path, help="documents: .txt, .jsonl, .csv, .tsv or .parquet")
     p.add_argument("--output", required=True, type=Path, help="embeddings: .npy or .parquet")
     p.add_argument("--text-field", default=d.text_field, help=f"field/column holding the text (default: {d.text_field})")
@@ -93,13 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a bad row stops the run (raise, default) or is left out and listed in the summary (skip)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"most rows per engine batch (default: {d.batch_size})")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens,
-                   help=f"most padded tokens per batch, rows x longest row (default: {d.max_tokens})")
+                   help=f"most padded tokens per batch, rows x longest row (default: {DEFAULT_MAX_TOKENS} on the CPU, "
+                        f"{GPU_MAX_TOKENS} on a GPU)")
     p.add_argument("--max-padding", type=float, default=d.max_padding,
                    help=f"close a batch before padding passes this share of it (default: {d.max_padding})")
     p.add_argument("--shard-rows", type=int, default=d.shard_rows,
                    help=f"rows per shard: the unit of resumption and of length sorting (default: {d.shard_rows})")
     p.add_argument("--device", choices=DEVICES, default=d.device,
-                   help="auto: CUDA when available (always for .plan), else CPU")
+                   help="auto: CUDA when available (always for .plan; for .pt2 the device it was built for), else CPU")
     p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime intra-op threads (default 0: one per core)")
     p.add_argument("--verify-engine", action=argparse.BooleanOptionalAction, default=d.verify_engine,
                    help="check the engine file's sha256 against the manifest on its first use (default: on)")
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "shards (line, [id], embedding, tokens, truncated), not resumable by shard")
     ray.add_argument("--ray-address", help="an existing cluster (e.g. ray://head:10001 or auto); default: start one here")
     ray.add_argument("--num-workers", type=int, default=r.num_workers, help=f"engine actors, one engine each (default: {r.num_workers})")
-    ray.add_argument("--gpus-per-worker", type=float, help="GPUs per actor (default: 1 for .plan, 0 for .onnx)")
+    ray.add_argument("--gpus-per-worker", type=float, help="GPUs per actor (default: 1 for .plan and a CUDA .pt2, 0 for .onnx)")
     ray.add_argument("--build-on-worker", action="store_true",
                      help="an actor whose GPU or TensorRT differs from the .plan's rebuilds it from the bundle's ONNX "
                           "(cached per compute capability and TensorRT version) instead of refusing it")
@@ -160,7 +163,7 @@ def resume_fingerprint(job: EncodeJob, encoder: Encoder) -> dict[str, object]:
         "on_error": job.on_error,
         "shard_rows": job.shard_rows,
         "batch_size": job.batch_size,
-        "max_tokens": job.max_tokens,
+        "max_tokens": encoder.max_tokens,
         "max_padding": job.max_padding,
         "long_text": job.long_text,
         "chunk_overlap": job.chunk_overlap,

@@ -35,7 +35,7 @@ from runtime.tokenization import Encoded, InputItem, InstructionTokenizer
 T = TypeVar("T")
 
 DEFAULT_WINDOW = 4096  # rows sorted together: large enough for < 10% padding, small enough to stream
-DEFAULT_MAX_TOKENS = 16384  # padded tokens per batch, e.g. 32 rows of 512 or 512 rows of 32
+DEFAULT_MAX_TOKENS = 16384  # padded tokens per batch on the CPU, e.g. 32 rows of 512; GPU backends suggest more
 DEFAULT_MAX_PADDING = 0.05  # a batch closes before more than this share of it would be padding
 
 
@@ -77,10 +77,11 @@ _DONE = object()
 
 
 class Encoder:
-    """Encode texts with an exported engine (``.onnx`` or ``.plan``); no torch involved.
+    """Encode texts with an exported engine (``.onnx``, ``.plan`` or ``.pt2``); no torch involved but for ``.pt2``.
 
-    ``max_tokens`` bounds the padded tokens per batch, ``max_padding`` its share of padding, ``window`` the rows
-    sorted together (see the module doc and ``runtime.batching``).
+    ``max_tokens`` bounds the padded tokens per batch (default: the backend's, GPU-sized on CUDA, else
+    ``DEFAULT_MAX_TOKENS``), ``max_padding`` its share of padding, ``window`` the rows sorted together (see the module
+    doc and ``runtime.batching``).
     ``onnx_options`` go to ONNX Runtime: ``intra_op_threads``, ``graph_optimization``, ``mem_arena``,
     ``allow_spinning`` (see ``runtime.backends.onnx.OnnxOptions``). ``verify_engine`` checks the engine file's
     sha256 against its manifest (once per file version: see ``runtime.bundle.verify_engine_file``).
@@ -92,7 +93,7 @@ class Encoder:
         self,
         engine_path: str | Path,
         device: str | None = None,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_tokens: int | None = None,
         window: int = DEFAULT_WINDOW,
         max_padding: float = DEFAULT_MAX_PADDING,
         queue_size: int = 2,
@@ -102,7 +103,7 @@ class Encoder:
         chunk_pooling: str = "mean",
         **onnx_options: Any,
     ) -> None:
-        if max_tokens < 1 or window < 1 or queue_size < 1:
+        if (max_tokens is not None and max_tokens < 1) or window < 1 or queue_size < 1:
             raise ValueError("max_tokens, window and queue_size must be >= 1")
         if not 0.0 <= max_padding < 1.0:
             raise ValueError(f"max_padding must be in [0, 1), got {max_padding}")
@@ -113,7 +114,7 @@ class Encoder:
         self.manifest: Manifest = load_manifest(engine_path, verify_engine=verify_engine)
         self.tokenizer: InstructionTokenizer = self.manifest.tokenizer()
         self.backend: Backend = open_backend(self.manifest, device, **onnx_options)
-        self.max_tokens = int(max_tokens)
+        self.max_tokens = int(max_tokens or self.backend.default_max_tokens or DEFAULT_MAX_TOKENS)
         self.window = int(window)
         self.max_padding = float(max_padding)
         self.queue_size = int(queue_size)

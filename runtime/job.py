@@ -13,7 +13,7 @@ from typing import Any
 
 from runtime.atomic import atomic_write_text
 from runtime.chunking import DEFAULT_OVERLAP, LONG_TEXT, POOLING
-from runtime.encoder import DEFAULT_MAX_PADDING, DEFAULT_MAX_TOKENS, DEFAULT_WINDOW
+from runtime.encoder import DEFAULT_MAX_PADDING, DEFAULT_WINDOW
 from runtime.output_dtype import NEEDS_RANGES, OUTPUT_DTYPES
 from runtime.readers import MAX_ERRORS, MAX_LISTED, ReaderOptions, Skipped
 from runtime.tokenization import has_lone_surrogate
@@ -29,7 +29,7 @@ class RayOptions:
 
     address: str | None = None  # an existing cluster; None starts one on this machine
     num_workers: int = 1  # engine actors, one engine each
-    gpus_per_worker: float | None = None  # None: 1 for .plan, 0 otherwise
+    gpus_per_worker: float | None = None  # None: 1 for .plan and a CUDA .pt2, 0 otherwise
     build_on_worker: bool = False  # rebuild a .plan made for another GPU/TensorRT instead of refusing it
     span_bytes: int = 64 << 20  # input bytes per read task
     rows_per_call: int = 1024  # rows an actor encodes per call
@@ -54,7 +54,7 @@ class EncodeJob:
     chunk_output: str = "row"  # or "all": one output row per chunk, with its number and token span
     on_error: str = "raise"
     batch_size: int = 64
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: int | None = None  # None: the backend's default (GPU-sized on CUDA, else DEFAULT_MAX_TOKENS)
     max_padding: float = DEFAULT_MAX_PADDING
     shard_rows: int = DEFAULT_WINDOW
     device: str = "auto"
@@ -75,7 +75,7 @@ class EncodeJob:
         """What is wrong with the options themselves (before any file is touched)."""
         out = []
         for name in ("batch_size", "max_tokens", "shard_rows"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1")
         if not 0.0 <= self.max_padding < 1.0:
             out.append("--max-padding must be in [0, 1)")

@@ -206,7 +206,8 @@ def encode_with_ray(job: EncodeJob, before_batch: Callable[[], None] | None = No
         raise ValueError(f"{output}: with --ray the output is a folder of parquet shards, not a .npy file")
     if output.exists() and not job.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-    gpus = (1.0 if manifest.kind == "tensorrt" else 0.0) if opts.gpus_per_worker is None else float(opts.gpus_per_worker)
+    on_gpu = manifest.kind == "tensorrt" or (manifest.kind == "pt2" and manifest.data.get("pt2", {}).get("device") == "cuda")
+    gpus = (1.0 if on_gpu else 0.0) if opts.gpus_per_worker is None else float(opts.gpus_per_worker)
     spans = plan_spans(job.input, opts.span_bytes)
     output.parent.mkdir(parents=True, exist_ok=True)
     with owned_temp_dir(output.parent, f".{output.name}.tmp-") as work:

@@ -1,7 +1,7 @@
 """Engine backends: each runs padded int64 feeds through one kind of engine and returns float32 ``[rows, dim]``.
 
 ``open_backend`` picks the backend from the bundle's kind; each backend imports its engine library lazily, so a
-CPU-only install never touches TensorRT or CUDA.
+CPU-only install never touches TensorRT, CUDA or (outside ``.pt2`` engines) torch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ class Backend(Protocol):
     name: str  # e.g. "onnxruntime:CPUExecutionProvider"
     device: str  # "cpu" or "cuda"
     max_rows: int | None  # the engine's own batch limit (a TensorRT profile), None when unbounded
+    default_max_tokens: int | None  # the token budget that suits the device (GPU-sized on CUDA); None: the encoder's
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
 
@@ -39,4 +40,10 @@ def open_backend(manifest: Manifest, device: str | None = None, **options: objec
         from runtime.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend(manifest, device)
+    if manifest.kind == "pt2":
+        if options:
+            raise ValueError(f"options {sorted(options)} apply to ONNX Runtime engines only")
+        from runtime.backends.pt2 import Pt2Backend
+
+        return Pt2Backend(manifest, device)
     raise EngineError(f"{manifest.engine}: no backend for engine kind {manifest.kind!r}")

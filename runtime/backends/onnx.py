@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.backends.cuda import device_index
+from runtime.batching import GPU_MAX_TOKENS
 from runtime.bundle import INPUT_NAMES, OUTPUT_NAME, EngineError, Manifest
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -78,6 +79,7 @@ class OnnxBackend:
         self.device = "cuda" if self.use_cuda else "cpu"
         self.name = f"onnxruntime:{self.session.get_providers()[0]}"
         self.max_rows = None
+        self.default_max_tokens = GPU_MAX_TOKENS if self.use_cuda else None
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if not self.use_cuda:

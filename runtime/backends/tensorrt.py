@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backends.cuda import DeviceBuffer, check, cudart, current_device, device_index
+from runtime.batching import GPU_MAX_TOKENS
 from runtime.bundle import INPUT_NAMES, OUTPUT_NAME, EngineError, Manifest, source_onnx_path
 from runtime.deps import require
 
@@ -78,6 +79,7 @@ class TensorRTBackend:
         # the profile's max batch: the batch planner must not exceed it
         _, _, max_shape = self.engine.get_tensor_profile_shape(self.input_names[0], 0)
         self.max_rows = int(max_shape[0])
+        self.default_max_tokens = GPU_MAX_TOKENS
         self.stream = check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.buffers = {name: DeviceBuffer() for name in names}
         self.device = "cuda"
