@@ -57,7 +57,8 @@ def metric(url: str, name: str, headers: dict[str, str] | None = None, **labels:
 
 
 class GatedEncoder:
-    """A real ``Encoder`` whose batches wait for ``gate``; ``entered`` is set when a pool reaches the engine."""
+    """A real ``Encoder`` whose batches wait for ``gate``; ``entered`` is set when a pool reaches the engine, and
+    ``fail_next`` (a message) makes the next pool raise ``RuntimeError``."""
 
     def __init__(self, encoder: Any) -> None:
         self._encoder = encoder
@@ -65,12 +66,16 @@ class GatedEncoder:
         self.gate.set()
         self.entered = threading.Event()
         self.pools: list[int] = []  # rows per pool, in order
+        self.fail_next: str | None = None
 
     def encode_tokenized(self, encoded: Any, *args: Any, **kwargs: Any) -> Any:
         self.pools.append(len(encoded.ids))
         self.entered.set()
         if not self.gate.wait(30):
             raise TimeoutError("gate never opened")
+        if self.fail_next:
+            message, self.fail_next = self.fail_next, None
+            raise RuntimeError(message)
         return self._encoder.encode_tokenized(encoded, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -254,18 +254,9 @@ print("ok")
 
 
 def test_engine_failure_is_a_500_for_that_request_only(tiny_engine):
-    class FailsOnce(GatedEncoder):
-        armed = False
-
-        def encode_tokenized(self, encoded, *args, **kwargs):
-            if self.armed:
-                self.armed = False
-                raise RuntimeError("engine exploded")
-            return super().encode_tokenized(encoded, *args, **kwargs)
-
-    broken = FailsOnce(Encoder(tiny_engine))
+    broken = GatedEncoder(Encoder(tiny_engine))
     with live_server(create_app(ServeConfig(engine=tiny_engine), opener=lambda: broken)) as url:
-        broken.armed = True
+        broken.fail_next = "engine exploded"
         r = httpx.post(f"{url}/v1/embeddings", json={"input": ["x"]})
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error" and "engine exploded" in r.json()["error"]["message"]
         assert httpx.post(f"{url}/v1/embeddings", json={"input": ["x"]}).status_code == 200

@@ -116,17 +116,9 @@ def test_queue_full_then_drain_on_close(gated, encoder):
     assert not b.alive
 
 
-def test_engine_failure_fails_its_requests_only(encoder):
-    class Broken(GatedEncoder):
-        fail = True
-
-        def encode_tokenized(self, encoded, *args, **kwargs):
-            if self.fail:
-                self.fail = False
-                raise RuntimeError("engine exploded")
-            return super().encode_tokenized(encoded, *args, **kwargs)
-
-    b = make(Broken(encoder), max_wait_ms=0)
+def test_engine_failure_fails_its_requests_only(gated, encoder):
+    b = make(gated, max_wait_ms=0)
+    gated.fail_next = "engine exploded"
     bad = b.submit(encoder.tokenizer.encode(["first"]))
     with pytest.raises(RuntimeError, match="engine exploded"):
         bad.result(timeout=10)
