@@ -11,8 +11,8 @@
 # Steps and time limits (seconds; each is also cut to what is left of the 470 s budget, so the whole run stays
 # under 8 minutes):
 #   env 20          versions, GPU name and capability                                    -> env.json
-#   checkpoint 40   random-weight T5-large shape (python -m bench.shapes large)          -> work/ckpt-large
-#   in parallel, 270:
+#   checkpoint 60   random-weight T5-large shape (python -m bench.shapes large)          -> work/ckpt-large
+#   in parallel, 250:
 #     parity        .pt2 fp32/fp16/bf16 of the tiny fixture vs golden vectors, overflow fixture fp16/bf16,
 #                   naive all-fp16 contrast (python -m bench.gpu_parity)                 -> parity.json
 #     build-*       T5-large .pt2 fp16 and bf16, ONNX fp16 for ORT's CUDA EP, TensorRT .plan fp16; each
@@ -101,13 +101,13 @@ else
   CKPT="$DIR/work/ckpt-large"
   PARITY_FLAGS=()
   MEASURE_FLAGS=()
-  [[ -f "$CKPT/modules.json" ]] || step checkpoint 40 "$PY" -m bench.shapes large "$CKPT"
+  [[ -f "$CKPT/modules.json" ]] || step checkpoint 60 "$PY" -m bench.shapes large "$CKPT"
 fi
 
-step parity 270 "$PY" -m bench.gpu_parity --out "$DIR/parity.json" --workdir "$DIR/work" --device "$DEVICE" \
+step parity 250 "$PY" -m bench.gpu_parity --out "$DIR/parity.json" --workdir "$DIR/work" --device "$DEVICE" \
   ${PARITY_FLAGS[@]+"${PARITY_FLAGS[@]}"} &
 build() {  # build NAME PRECISION: one engine of the checkpoint, in the background
-  step "build-$1" 270 "$PY" -m bench.gpu_build "$CKPT" "$DIR/work/$SHAPE-$1" --precision "$2" --device "$DEVICE" \
+  step "build-$1" 250 "$PY" -m bench.gpu_build "$CKPT" "$DIR/work/$SHAPE-$1" --precision "$2" --device "$DEVICE" \
     --out "$DIR/build-$1.json" &
 }
 if (( DRY_RUN )); then
