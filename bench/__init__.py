@@ -1,1 +1,2 @@
-"""Benchmarks: MTEB quality (``python -m bench.mteb``), CPU throughput and latency, GPU steps."""
+"""Benchmarks: quality (``python -m bench.mteb``, ``bench.billboard``, ``bench.prompt_retrieval``: docs/evaluation.md),
+CPU throughput and latency, GPU steps."""
