@@ -26,7 +26,8 @@ engine behind. Exit 2: bad checkpoint, unwritable output, or a missing optional 
 
 precisions:
   fp32  .onnx graph-optimized for ONNX Runtime (kept only if it still passes the fp32 gate); .plan, .pt2 in fp32
-  int8  .onnx for the CPU: dynamic quantization of the encoder's MatMul weights
+  int8  .onnx for the CPU: ONNX Runtime quantizer recipes (dynamic, int8 attention, static QDQ calibrated on the
+        calibration set) measured in turn; the fastest that passes the gate is kept (manifest: graph.measured)
   fp16  .onnx (ORT CUDA EP; ORT's CPU EP runs it too), .plan or .pt2: MatMuls in fp16, with the residual
         stream, norms, softmax, FF output (wo) and pooling in fp32
   bf16  as fp16 with bfloat16 (a .onnx needs onnxruntime-gpu to be verified; a .pt2 also builds for the CPU)
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--int8-weights",
         choices=("auto", "per-channel", "per-tensor"),
         default="auto",
-        help="int8: weight scale granularity; auto measures both and keeps the better. Default: auto",
+        help="int8: weight scale granularity; auto measures both and keeps the fastest that passes the gate. Default: auto",
     )
     p.add_argument(
         "--reference-device",

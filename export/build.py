@@ -6,8 +6,9 @@ Per precision (see ``make_engine``):
 
 - ``fp32`` ``.onnx``: ORT's transformer optimizer, else ORT's offline basic level, else the plain graph: the first
   that passes the fp32 gate is kept;
-- ``int8`` ``.onnx``: dynamic MatMul quantization (per-channel or per-tensor, whichever measures better), with the
-  FF MatMuls stepped back to fp32 only if the full quantization misses the gate;
+- ``int8`` ``.onnx``: ONNX Runtime's quantizer recipes on the optimized fp32 graph (dynamic per-channel/per-tensor,
+  int8 attention, static QDQ calibrated on the calibration set; ``export.quantize``), each measured for the gate and
+  speed; the fastest that passes is kept, with the most harmful MatMuls stepped back to fp32 only where needed;
 - ``fp16``/``bf16`` ``.onnx``: the fp32 graph with low-precision MatMuls and fp32 islands (``mixed_precision``);
 - ``.plan``: TensorRT built from the fp32 or mixed-precision graph, which the bundle keeps as ``PATH.onnx``;
 - ``.pt2``: ``torch.export`` + AOTInductor for the device it is exported on, fp16/bf16 with the same fp32 islands
@@ -16,20 +17,21 @@ Per precision (see ``make_engine``):
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from export import mixed_precision, optimize
+from export import mixed_precision, optimize, quantize
 from export.manifest import build_manifest, io_spec
 from export.onnx_graph import DEFAULT_OPSET, export_onnx, ff_width
 from export.parity import GATES, GateError, calibration_inputs, check_gate, compare, run_batches
-from export.quantize import exclusion_steps, quantize_int8
 from export.tensorrt import DEFAULT_TIMING_CACHE, Profile
 from runtime.atomic import atomic_write_text
 from runtime.bundle import (
@@ -59,7 +61,7 @@ class ExportOptions:
     calib_max_batch: int | None = None  # rows of max_seq_length tokens: 4 for .onnx, max_batch for .plan
     calib_batch_size: int = 16
     optimize: bool = True
-    per_channel: bool | None = None  # int8: None measures both and keeps the better
+    per_channel: bool | None = None  # int8: None measures both granularities, the fastest that passes is kept
     max_batch: int = 32  # .plan profile
     opt_batch: int | None = None  # .plan profile; default max_batch // 2 (at least 1)
     opt_seq: int | None = None  # .plan profile; default min(128, max_seq_length)
@@ -93,6 +95,11 @@ class Verifier:
         self.reference_name = f"pytorch fp32 ({device})"
         self.gate = {**GATES[precision], **gate}
 
+    def feeds(self) -> list[dict[str, np.ndarray]]:
+        """The calibration set as the engine's input batches (int8 calibration and speed figures)."""
+        tok = self.model.tokenizer
+        return [tok(self.inputs[i : i + self.batch_size]) for i in range(0, len(self.inputs), self.batch_size)]
+
     def check(self, runner: Runner, runner_name: str) -> dict[str, Any]:
         candidate = run_batches(runner, self.model.tokenizer, self.inputs, self.batch_size)
         parity = compare(self.reference, candidate)
@@ -125,24 +132,75 @@ def _fp32_onnx(model: InstructorModel, base: Path, workdir: Path, opts: ExportOp
     return base, report, {"graph": {"applied": "none", "rejected": rejected}}
 
 
-def _int8_onnx(base: Path, workdir: Path, opts: ExportOptions, verifier: Verifier, ff: int):
-    """Quantize as much as the gate allows: per-channel vs per-tensor measured on all MatMuls, then fp32 FF steps."""
+def _race(runners: dict[str, Runner], verifier: Verifier, rounds: int = 3) -> dict[str, float]:
+    """Median seconds over the calibration set's batches, the candidates taking turns each round (a load that
+    drifts during the export then weighs on all of them alike)."""
+    feeds = verifier.feeds()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            t0 = time.perf_counter()
+            for f in feeds:
+                runner(f)
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def _int8_onnx(model: InstructorModel, base: Path, workdir: Path, opts: ExportOptions, verifier: Verifier):
+    """Measure every int8 recipe on the gate-checked fp32 graph and keep the fastest that passes the gate.
+
+    Every recipe is quantized with all encoder MatMuls in int8 and checked; if none passes, the MatMuls are ranked
+    by the damage each does alone (with the recipe of the highest min cosine) and the most harmful are kept fp32,
+    the fewest that pass found by bisection. The fp32 graph and every passing candidate then race (turns, median
+    of 3 rounds over the calibration set) and the fastest is kept; the manifest records all of it.
+    """
+    fp32_verifier = copy.copy(verifier)
+    fp32_verifier.gate = dict(GATES["fp32"])
+    fp32_graph, _, fp32_extra = _fp32_onnx(model, base, workdir, opts, fp32_verifier)
+    src = quantize.prepare(fp32_graph, workdir / "int8.src.onnx")
     measured: list[dict[str, Any]] = []
-    variants = (True, False) if opts.per_channel is None else (opts.per_channel,)
-    best = None
-    for label, keep_fp32 in exclusion_steps(base, ff):
-        for per_channel in variants:
-            path = workdir / f"int8.{label}.{'per_channel' if per_channel else 'per_tensor'}.onnx"
-            info = quantize_int8(base, path, per_channel, keep_fp32)
-            report = verifier.check(*onnx_runner(path))
-            measured.append({"step": label, "per_channel": per_channel, "min_cosine": report["min_cosine"]})
-            if best is None or report["min_cosine"] > best[1]["min_cosine"]:
-                best = (path, report, {**info, "step": label})
-        variants = (best[2]["per_channel"],)  # the better granularity on the full quantization decides the rest
-        if best[1]["passed"]:
-            break
-    path, report, info = best
-    return path, report, {"graph": {**info, "measured": measured}}
+    candidates: dict[str, tuple[Path, dict[str, Any], dict[str, Any]]] = {}  # label -> (path, report, info)
+
+    def attempt(recipe: quantize.Recipe) -> dict[str, Any]:
+        path = workdir / f"int8.{len(measured)}.onnx"
+        info = quantize.quantize(src, path, recipe, verifier.feeds)
+        report = verifier.check(*onnx_runner(path))
+        measured.append({"recipe": recipe.label, "min_cosine": report["min_cosine"], "mean_cosine": report["mean_cosine"], "passed": report["passed"]})
+        candidates[recipe.label] = (path, report, info)
+        return report
+
+    full = {recipe: attempt(recipe) for recipe in quantize.recipes(src, opts.per_channel)}
+    sensitivity: dict[str, float] = {}
+    if not any(r["passed"] for r in full.values()):
+        recipe = max(full, key=lambda r: full[r]["min_cosine"])
+        names = quantize.weight_matmuls(src)
+        for name in names:  # each MatMul alone in int8
+            alone = quantize.Recipe(recipe.method, recipe.per_channel, keep_fp32=tuple(n for n in names if n != name))
+            path = workdir / "int8.alone.onnx"
+            quantize.quantize(src, path, alone, verifier.feeds)
+            sensitivity[name] = 1.0 - verifier.check(*onnx_runner(path))["min_cosine"]
+        order = quantize.sensitivity_order(sensitivity)
+        low, high = 1, len(order)  # bisect the fewest fp32 MatMuls (most harmful first) that pass the gate
+        while low < high:
+            k = (low + high) // 2
+            report = attempt(quantize.Recipe(recipe.method, recipe.per_channel, recipe.attention, tuple(order[:k])))
+            low, high = (low, k) if report["passed"] else (k + 1, high)
+    passing = {label: c for label, c in candidates.items() if c[1]["passed"]}
+    if passing:
+        seconds = _race({FP32_LABEL: onnx_runner(src)[0], **{label: onnx_runner(c[0])[0] for label, c in passing.items()}}, verifier)
+        for m in measured:
+            m["calibration_set_seconds"] = seconds.get(m["recipe"])
+        measured.insert(0, {"recipe": FP32_LABEL, "calibration_set_seconds": seconds[FP32_LABEL]})
+        path, report, info = passing[min(passing, key=seconds.get)]
+    else:
+        path, report, info = max(candidates.values(), key=lambda c: c[1]["min_cosine"])  # for the gate's message
+    graph = {**info, "fp32_graph": fp32_extra["graph"], "measured": measured}
+    if sensitivity:
+        graph["sensitivity"] = {"damage": "1 - min cosine with only this MatMul in int8", "matmuls": sensitivity}
+    return path, report, {"graph": graph}
+
+
+FP32_LABEL = "fp32 (not quantized)"
 
 
 def make_engine(model: InstructorModel, workdir: Path, out: Path, opts: ExportOptions, verifier: Verifier):
@@ -176,7 +234,7 @@ def make_engine(model: InstructorModel, workdir: Path, out: Path, opts: ExportOp
     if opts.precision == "fp32":
         return _fp32_onnx(model, base, workdir, opts, verifier)
     if opts.precision == "int8":
-        return _int8_onnx(base, workdir, opts, verifier, ff)
+        return _int8_onnx(model, base, workdir, opts, verifier)
     path = workdir / f"{opts.precision}.onnx"
     info = mixed_precision.convert(base, path, opts.precision, ff)
     return path, verifier.check(*onnx_runner(path, opts.precision)), {"graph": info}

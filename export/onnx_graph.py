@@ -8,8 +8,9 @@ relative position bias with dynamic sequence length): inputs ``input_ids``, ``at
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import onnx
 import torch
@@ -26,6 +27,27 @@ def example_features(model: InstructorModel) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(feats[name]) for name in INPUT_NAMES)
 
 
+@contextmanager
+def eager_attention(model: InstructorModel) -> Iterator[None]:
+    """Trace BERT-family encoders with HF's eager attention, then restore the model's own.
+
+    Torch's SDPA traces to a decomposition (scaled q and k, boolean mask, NaN guard) that ONNX Runtime's transformer
+    optimizer does not recognize, so ``Attention`` and ``EmbedLayerNormalization`` were never fused on MiniLM; the
+    eager pattern fuses (same math: parity is checked by the fp32 gate). T5 keeps its own: ORT fuses no T5 encoder
+    attention with relative position bias either way.
+    """
+    encoder = model.auto_model
+    before = getattr(encoder.config, "_attn_implementation", None)
+    switch = model.architecture not in ("t5", "mt5") and before not in (None, "eager") and hasattr(encoder, "set_attn_implementation")
+    if switch:
+        encoder.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            encoder.set_attn_implementation(before)
+
+
 def export_onnx(model: InstructorModel, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
     """Write the fp32 graph of ``model`` to ``path`` (dynamic batch and sequence)."""
     path = Path(path)
@@ -36,7 +58,7 @@ def export_onnx(model: InstructorModel, path: str | Path, opset: int = DEFAULT_O
         "instruction_count": {0: "batch"},
         OUTPUT_NAME: {0: "batch"},
     }
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), eager_attention(model):
         warnings.simplefilter("ignore")  # tracer warnings about python ints in HF code; shapes are checked by parity
         torch.onnx.export(
             model,

@@ -60,3 +60,11 @@ def test_latency_texts_refuse_lengths_below_the_instruction(tiny_model):
 def test_percentiles_in_ms():
     p = percentiles([0.001] * 98 + [0.010, 0.020])
     assert p["p50_ms"] == pytest.approx(1.0) and p["calls"] == 100 and p["p99_ms"] > p["p95_ms"]
+
+
+def test_int8_gemm_peak_runs_both_kernels_in_one_harness():
+    from bench.common import igemm_peak
+
+    peak = igemm_peak(n=128, repeats=2, threads=1)
+    assert peak["n"] == 128 and peak["gops_best"] > 0 and peak["ort_sgemm_gflops_best"] > 0
+    assert "MatMulInteger" in peak["how"]

@@ -19,8 +19,8 @@ from export.__main__ import main as export_main
 from export.build import ExportOptions, export_bundle
 from export.mixed_precision import convert as mixed_convert
 from export.onnx_graph import export_onnx, ff_width
-from export.parity import calibration_inputs, compare
-from export.quantize import exclusion_steps, quantize_int8
+from export.parity import calibration_inputs, compare, run_batches
+from export import quantize
 from export.tensorrt import Profile
 from runtime.bundle import load_manifest, source_onnx_path, tokenizer_path
 from runtime.tokenization import INSTRUCTION_RULES_VERSION
@@ -150,15 +150,64 @@ def test_int8_minilm_cosine_and_stsb_spearman(minilm_bundles, minilm_model):
     assert abs(scores["int8"] - scores["fp32"]) <= 0.01
 
 
-def test_int8_quantizes_encoder_weights_and_keeps_head_fp32(tiny_graph, tmp_path):
-    info = quantize_int8(tiny_graph, tmp_path / "q.onnx", per_channel=True, keep_fp32=[])
+def test_int8_dynamic_quantizes_encoder_weights_and_keeps_head_fp32(tiny_graph, tmp_path):
+    src = quantize.prepare(tiny_graph, tmp_path / "src.onnx")
+    info = quantize.quantize(src, tmp_path / "q.onnx", quantize.Recipe("dynamic", per_channel=True))
     graph = onnx.load(str(tmp_path / "q.onnx")).graph
     ops = [n.op_type for n in graph.node]
     assert info["quantized_matmuls"] == 12  # q, k, v, o, wi, wo in 2 layers
     assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") == 12
-    assert "/dense/MatMul" in [n.name for n in graph.node if n.op_type == "MatMul"]
-    steps = dict(exclusion_steps(tiny_graph, 128))
-    assert steps["all_matmuls"] == [] and len(steps["ff_output_fp32"]) == 2 and len(steps["attention_only"]) == 4
+    inits = {i.name for i in graph.initializer}
+    fp32_weights = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert fp32_weights == info["fp32_matmuls"] == ["/dense/MatMul"]  # the head
+    assert quantize.Recipe("dynamic", True, keep_fp32=("a", "b")).label == "dynamic+per_channel+2_fp32"
+
+
+def tiny_calibration(tiny_model) -> list[dict[str, np.ndarray]]:
+    inputs = calibration_inputs(tiny_model.max_seq_length, 4)
+    return [tiny_model.tokenizer(inputs[i : i + 16]) for i in range(0, len(inputs), 16)]
+
+
+def golden_parity(path: Path, tiny_model, golden_inputs, golden_vectors):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return compare(golden_vectors, run_batches(lambda f: session.run(None, f)[0], tiny_model.tokenizer, golden_inputs, 16))
+
+
+@pytest.mark.parametrize("recipe", [quantize.Recipe("dynamic", True), quantize.Recipe("dynamic", False), quantize.Recipe("static", True)], ids=lambda r: r.label)
+def test_int8_recipes_give_the_golden_vectors_within_the_int8_gate(recipe, tiny_graph, tiny_model, golden_inputs, golden_vectors, tmp_path):
+    src = quantize.prepare(tiny_graph, tmp_path / "src.onnx")
+    quantize.quantize(src, tmp_path / "q.onnx", recipe, lambda: tiny_calibration(tiny_model))
+    parity = golden_parity(tmp_path / "q.onnx", tiny_model, golden_inputs, golden_vectors)
+    assert parity.nonfinite_rows == 0 and parity.min_cos >= 0.99, parity
+
+
+def test_int8_static_recipe_quantizes_activations_and_attention_from_calibration(tiny_graph, tiny_model, tmp_path):
+    src = quantize.prepare(tiny_graph, tmp_path / "src.onnx")
+    info = quantize.quantize(src, tmp_path / "q.onnx", quantize.Recipe("static", True), lambda: tiny_calibration(tiny_model))
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    quantized_inputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.name.startswith("/auto_model/")]
+    assert len(matmuls) == 16  # 12 with weights + QK^T and attention x V in 2 layers
+    assert all(set(n.input) <= quantized_inputs for n in matmuls)  # both operands int8, attention's too
+    assert info["quantized_ops"]["QuantizeLinear"] >= 16
+
+
+def test_int8_export_measures_every_recipe_and_keeps_the_fastest_that_passes(tmp_path):
+    out = tmp_path / "tiny-int8.onnx"
+    manifest = export_bundle(TINY, out, ExportOptions(precision="int8"))
+    graph = manifest["graph"]
+    measured = {m["recipe"]: m for m in graph["measured"]}
+    assert measured["fp32 (not quantized)"]["calibration_set_seconds"] > 0
+    tried = {"dynamic+per_channel", "dynamic+per_tensor", "static+per_channel"}
+    assert tried <= set(measured)
+    for label in tried:
+        assert 0.9 < measured[label]["min_cosine"] <= 1.0
+    passing = [m for m in measured.values() if m.get("passed")]
+    assert passing and all(m["calibration_set_seconds"] > 0 for m in passing)  # every passing candidate raced
+    assert graph["recipe"] == min(passing, key=lambda m: m["calibration_set_seconds"])["recipe"]
+    assert manifest["parity"]["passed"] and manifest["parity"]["min_cosine"] >= 0.99
+    assert graph["fp32_graph"]["applied"] == "onnxruntime.transformers.optimizer"  # quantized after the fp32 fusions
+    assert "sensitivity" not in graph  # a full quantization passed: no MatMul had to stay fp32
 
 
 # ---- fp16 / bf16 ------------------------------------------------------------------------------------------------
