@@ -108,7 +108,7 @@ class Batcher:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="serve-inference", daemon=True)
 
-    # -- the request side (event loop thread) ---------------------------------------------------------------------
+    # -- the request side (event loop and tokenizer threads) -------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
