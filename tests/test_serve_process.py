@@ -83,6 +83,7 @@ def test_load_64_clients_no_5xx_no_lost_request(tiny_engine, golden_inputs, gold
     answered, none with a 5xx, every vector right; the server's request counter agrees; then a clean exit."""
     counts = {"sent": 0, "answered": 0, "5xx": 0, "errors": 0, "wrong": 0}
     statuses: dict[int, int] = {}
+    errors: list[str] = []
     rng = np.random.default_rng(0)
 
     async def client(k: int, http: httpx.AsyncClient, stop_at: float) -> None:
@@ -92,8 +93,9 @@ def test_load_64_clients_no_5xx_no_lost_request(tiny_engine, golden_inputs, gold
             counts["sent"] += 1
             try:
                 r = await http.post("/v1/embeddings", json={"input": [golden_inputs[i] for i in idx], "encoding_format": "float"})
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
                 counts["errors"] += 1
+                errors.append(f"{type(exc).__name__}: {exc} after {time.monotonic() - stop_at + LOAD_SECONDS:.1f} s")
                 continue
             counts["answered"] += 1
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
@@ -117,7 +119,7 @@ def test_load_64_clients_no_5xx_no_lost_request(tiny_engine, golden_inputs, gold
         assert server.stop() == 0
     print(f"\nload test: {LOAD_CLIENTS} clients, {elapsed:.1f} s: sent {counts['sent']}, answered {counts['answered']}, "
           f"statuses {statuses}, 5xx {counts['5xx']}, transport errors {counts['errors']}, wrong vectors {counts['wrong']}, "
-          f"server peak RSS {peak_rss / 2**20:.0f} MiB")
+          f"server peak RSS {peak_rss / 2**20:.0f} MiB; errors: {errors[:5]}")
     assert counts["sent"] > LOAD_CLIENTS and counts["answered"] == counts["sent"] and counts["errors"] == 0
     assert counts["5xx"] == 0 and statuses.get(200, 0) == counts["sent"] and counts["wrong"] == 0
     assert served == counts["sent"]

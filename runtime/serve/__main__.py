@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N. Default: the engine's natural device")
     p.add_argument("--graceful-timeout", type=float, default=None,
                    help="seconds to wait for accepted requests at shutdown before cancelling them. Default: wait until all are answered")
+    p.add_argument("--keep-alive-timeout", type=float, default=75.0,
+                   help="seconds an idle client connection stays open; longer than clients' own idle expiry (httpx: 5 s), "
+                   "so a client never sends on a connection the server is closing. Default: 75")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="Default: info")
     p.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs throughput)")
     return p.parse_args(argv)
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             "http": "httptools" if importlib.util.find_spec("httptools") else "h11"}
     server = uvicorn.Server(uvicorn.Config(
         create_app(config, lambda: encoder), host=args.host, port=args.port, log_level=args.log_level,
-        access_log=args.access_log, timeout_graceful_shutdown=args.graceful_timeout, lifespan="on", **fast,
+        access_log=args.access_log, timeout_graceful_shutdown=args.graceful_timeout, timeout_keep_alive=args.keep_alive_timeout,
+        lifespan="on", **fast,
     ))
     log.info("serving %s (%s, dim %d, %s) on http://%s:%d", config.served_name, encoder.manifest.precision,
              encoder.embedding_dim, encoder.backend.name, args.host, args.port)
