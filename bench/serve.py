@@ -137,8 +137,10 @@ def scrape(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
 # -- closed-loop clients ---------------------------------------------------------------------------------------------
 
 
-async def _drive(url: str, items: list[Any], clients: int, per_request: int, warmup: float, seconds: float, timeout: float) -> list[tuple[float, float, int]]:
-    """(start, end, status) of every request; status -1 for a transport error. Clients stop after the window."""
+async def _drive(url: str, items: list[Any], clients: int, per_request: int, warmup: float, seconds: float, timeout: float,
+                 errors: dict[str, int]) -> list[tuple[float, float, int]]:
+    """(start, end, status) of every request; status -1 for a transport error, counted by kind in ``errors``.
+    Clients stop after the window."""
     import httpx
 
     records: list[tuple[float, float, int]] = []
@@ -155,8 +157,9 @@ async def _drive(url: str, items: list[Any], clients: int, per_request: int, war
                 try:
                     r = await http.post("/v1/embeddings", json={"input": batch, "encoding_format": "float"})
                     status = r.status_code
-                except httpx.HTTPError:
+                except httpx.HTTPError as exc:
                     status = -1
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
                 records.append((started, time.perf_counter(), status))
 
         await asyncio.gather(*(client(k) for k in range(clients)))
@@ -165,7 +168,8 @@ async def _drive(url: str, items: list[Any], clients: int, per_request: int, war
 
 def run_cell(url: str, items: list[Any], clients: int, per_request: int, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
-    records = asyncio.run(_drive(url, items, clients, per_request, args.warmup, args.seconds, args.timeout))
+    errors: dict[str, int] = {}
+    records = asyncio.run(_drive(url, items, clients, per_request, args.warmup, args.seconds, args.timeout, errors))
     window_start, window_end = t0 + args.warmup, t0 + args.warmup + args.seconds
     done = [(s, e) for s, e, status in records if status == 200 and window_start <= e <= window_end]
     lat_ms = np.array([(e - s) * 1000 for s, e in done]) if done else np.array([np.nan])
@@ -185,6 +189,7 @@ def run_cell(url: str, items: list[Any], clients: int, per_request: int, args: a
         "status_429": statuses.count(429),
         "status_5xx": sum(s >= 500 for s in statuses),
         "transport_errors": statuses.count(-1),
+        "transport_error_kinds": errors,
     }
 
 
