@@ -14,6 +14,7 @@ reference's (``agreement``: min cosine over the corpus below ``THRESHOLDS``) is 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -179,4 +180,4 @@ def start(
     except PeerError:
         process.close()
         raise
-    return Peer(name, process, {**answer["info"], "interpreter": str(python)}, workdir)
+    return Peer(name, process, {**answer["info"], "interpreter": os.path.relpath(python)}, workdir)
