@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 
 from runtime.bundle import EngineError
+from runtime.chunking import LONG_TEXT, POOLING
 from runtime.deps import MissingDependency, require
+from runtime.output_dtype import load_ranges
 from runtime.serve.config import ServeConfig, load_instructions
 
 log = logging.getLogger("uvicorn.error")
@@ -38,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='JSON file of named instructions, e.g. {"query": "Represent the question for retrieving supporting documents: "}; '
                    "requests pick one with instruction_name (/v1/embeddings) or prompt_name (/embed)")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
-                   help=f"real tokens per engine pool and padded tokens per batch (the planner's budget). Default: {d.max_batch_tokens}")
+                   help="real tokens per engine pool and padded tokens per batch (the planner's budget). "
+                   "Default: the engine backend's (16384 on a CPU, more on a GPU)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help=f"rows per engine batch. Default: {d.max_batch_size}")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="longest time a request waits for others to fill its batch; a lone client never waits. "
@@ -61,6 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-alive-timeout", type=float, default=75.0,
                    help="seconds an idle client connection stays open; longer than clients' own idle expiry (httpx: 5 s), "
                    "so a client never sends on a connection the server is closing. Default: 75")
+    p.add_argument("--long-text", choices=LONG_TEXT, default=d.long_text,
+                   help="texts over max_seq_length: truncate (as the reference) or chunk (overlapping windows that each "
+                   f"repeat the instruction, combined into one vector). Default: {d.long_text}")
+    p.add_argument("--chunk-overlap", type=int, default=d.chunk_overlap, help=f"tokens shared by neighbouring chunks. Default: {d.chunk_overlap}")
+    p.add_argument("--chunk-pooling", choices=POOLING, default=d.chunk_pooling, help=f"a chunked text's vector from its chunks'. Default: {d.chunk_pooling}")
+    p.add_argument("--int8-ranges", type=Path,
+                   help="[2, dim] per-dimension ranges (.npy) that embedding_type int8/uint8 quantize with: the corpus "
+                   "run's OUTPUT.ranges.npy, so that queries and corpus match. Without it those types are refused")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="Default: info")
     p.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs throughput)")
     return p.parse_args(argv)
@@ -85,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             max_padding=args.max_padding, max_queue_tokens=args.max_queue_tokens,
             max_concurrent_requests=args.max_concurrent_requests, max_request_items=args.max_request_items,
             payload_limit=args.payload_limit, tokenization_workers=args.tokenization_workers, threads=args.threads,
-            device=args.device,
+            device=args.device, long_text=args.long_text, chunk_overlap=args.chunk_overlap,
+            chunk_pooling=args.chunk_pooling, int8_ranges=args.int8_ranges,
         )
         signal.signal(signal.SIGTERM, _stop_now)
         signal.signal(signal.SIGINT, _stop_now)
         encoder = open_encoder(config)  # before listening: a bad engine is a clear error, not a failed start-up
+        if config.int8_ranges is not None:
+            load_ranges(config.int8_ranges, encoder.embedding_dim)  # likewise a bad ranges file
     except (MissingDependency, EngineError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

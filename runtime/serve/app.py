@@ -29,7 +29,8 @@ from runtime.serve.config import ServeConfig
 from runtime.serve.errors import EXCEPTION_HANDLERS, ApiError, error_response
 from runtime.serve.metrics import Metrics
 from runtime.serve.middleware import ApiKeyMiddleware, MetricsMiddleware
-from runtime.serve.output import openai_body, tei_body
+from runtime.output_dtype import NEEDS_RANGES, load_ranges
+from runtime.serve.output import EMBEDDING_TYPES, openai_body, tei_body
 from runtime.serve.requests import EmbedRequest, parse_json, parse_openai, parse_tei
 from runtime.tokenization import Encoded
 
@@ -42,7 +43,8 @@ OPEN_PATHS = frozenset({"/health"})  # no API key needed: load balancers and orc
 def open_encoder(config: ServeConfig) -> Encoder:
     """The engine as ``config`` says; ONNX-only options are passed only when set, so any engine kind opens."""
     options: dict[str, Any] = {"intra_op_threads": config.threads} if config.threads else {}
-    return Encoder(config.engine, device=config.device, max_tokens=config.max_batch_tokens, max_padding=config.max_padding, **options)
+    return Encoder(config.engine, device=config.device, max_tokens=config.max_batch_tokens, max_padding=config.max_padding,
+                   long_text=config.long_text, chunk_overlap=config.chunk_overlap, chunk_pooling=config.chunk_pooling, **options)
 
 
 class Service:
@@ -57,6 +59,7 @@ class Service:
         self.pool = ThreadPoolExecutor(config.tokenization_workers, thread_name_prefix="serve-tokenizer")
         self.state = "loading"  # -> "ready" -> "draining" -> "stopped"
         self.in_flight = 0
+        self.ranges: np.ndarray | None = None  # int8/uint8 ranges (--int8-ranges)
 
     # -- life --------------------------------------------------------------------------------------------------------
 
@@ -64,9 +67,11 @@ class Service:
         loop = asyncio.get_running_loop()
         self.encoder = await loop.run_in_executor(self.pool, self.opener)
         c = self.config
-        self.batcher = Batcher(self.encoder, self.metrics, c.max_batch_size, c.max_batch_tokens, c.max_wait_ms, c.max_queue_tokens)
+        if c.int8_ranges is not None:
+            self.ranges = load_ranges(c.int8_ranges, self.encoder.embedding_dim)
+        self.batcher = Batcher(self.encoder, self.metrics, c.max_batch_size, self.encoder.max_tokens, c.max_wait_ms, c.max_queue_tokens)
         self.batcher.start()
-        warm = await loop.run_in_executor(self.pool, self.encoder.tokenizer.encode, WARM_UP_INPUT)
+        warm = await loop.run_in_executor(self.pool, self._tokenize, WARM_UP_INPUT)
         await asyncio.wrap_future(self.batcher.submit(warm))
         self.state = "ready"
 
@@ -85,14 +90,16 @@ class Service:
     async def openai_embeddings(self, request: Request) -> Response:
         req, encoded, vectors = await self._embed(request, parse_openai)
         tokens = int(encoded.lengths.sum())
-        body = await self._serialize(vectors, openai_body, vectors, req.encoding_format, self.config.served_name, tokens)
+        body = await self._serialize(vectors, openai_body, vectors, req.encoding_format, req.embedding_type, self.ranges,
+                                     self.config.served_name, tokens)
         return Response(body, media_type="application/json")
 
     async def tei_embed(self, request: Request) -> Response:
         req, _, vectors = await self._embed(request, parse_tei)
         if req.normalize and not self._engine_normalizes:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.float32(1e-12))
-        return Response(await self._serialize(vectors, tei_body, vectors), media_type="application/json")
+        body = await self._serialize(vectors, tei_body, vectors, req.embedding_type, self.ranges)
+        return Response(body, media_type="application/json")
 
     async def health(self, _request: Request) -> Response:
         if self.state == "ready" and self.batcher is not None and self.batcher.alive:
@@ -111,6 +118,8 @@ class Service:
             "precision": manifest.precision,
             "architecture": manifest.data.get("architecture"),
             "normalized": self._engine_normalizes,
+            "long_text": self.encoder.long_text,
+            "embedding_types": [t for t in EMBEDDING_TYPES if self.ranges is not None or t not in NEEDS_RANGES],
             "backend": self.encoder.backend.name,
             "device": self.encoder.device,
             "instruction_rules": manifest.data.get("instruction_rules"),
@@ -161,8 +170,12 @@ class Service:
         req = parser(parse_json(body), self.config.instructions, self.encoder.embedding_dim, self.config.max_request_items)
         if not req.normalize and self._engine_normalizes:
             raise ApiError(400, "normalize=false is not available: this engine L2-normalizes inside its graph", "invalid_value", "normalize")
-        encoded = self.encoder.tokenizer.encode(req.items)
-        if not req.truncate and encoded.truncated.any():
+        if req.embedding_type in NEEDS_RANGES and self.ranges is None:
+            raise ApiError(400, f"embedding_type {req.embedding_type!r} needs int8 ranges: start the server with --int8-ranges FILE "
+                           "(the corpus run's OUTPUT.ranges.npy, so that queries are quantized as the corpus was)",
+                           "invalid_value", "embedding_type")
+        encoded = self._tokenize(req.items)
+        if not req.truncate and self.encoder.long_text == "truncate" and encoded.truncated.any():
             i = int(np.flatnonzero(encoded.truncated)[0])
             raise ApiError(413, f"inputs[{i}] is longer than the model's max_seq_length of {self.encoder.max_seq_length} tokens "
                            "(send truncate=true to cut it, as the reference does)", "input_too_long", "inputs")
@@ -173,6 +186,11 @@ class Service:
                            headers={"Retry-After": str(exc.retry_after)}) from exc
         except ShuttingDown as exc:
             raise ApiError(503, str(exc), "unavailable") from exc
+
+    def _tokenize(self, items: list[Any]) -> Encoded:
+        """Token ids of a request's items: cut at max_seq_length, or whole when long texts are chunked."""
+        assert self.encoder is not None
+        return self.encoder.tokenizer.encode(items, truncate=self.encoder.long_text == "truncate")
 
     async def _serialize(self, vectors: np.ndarray, fn: Callable[..., bytes], *args: Any) -> bytes:
         if vectors.size <= OFF_LOOP_VALUES:

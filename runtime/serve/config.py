@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.encoder import DEFAULT_MAX_PADDING, DEFAULT_MAX_TOKENS
+from runtime.chunking import DEFAULT_OVERLAP, check_options
+from runtime.encoder import DEFAULT_MAX_PADDING
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class ServeConfig:
     model_name: str = ""  # the ``model`` reported in responses; default: the engine file's stem
     api_key: str | None = None
     instructions: dict[str, str] = field(default_factory=dict)
-    max_batch_tokens: int = DEFAULT_MAX_TOKENS
+    max_batch_tokens: int | None = None  # None: the engine backend's default (GPU-sized on CUDA)
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
     max_padding: float = DEFAULT_MAX_PADDING  # the runtime's; see docs/serving.md for what larger values cost
@@ -28,13 +29,19 @@ class ServeConfig:
     tokenization_workers: int = 2
     threads: int = 0  # ONNX Runtime intra-op threads, 0: one per core
     device: str | None = None
+    long_text: str = "truncate"  # or "chunk": see runtime.chunking
+    chunk_overlap: int = DEFAULT_OVERLAP
+    chunk_pooling: str = "mean"
+    int8_ranges: Path | None = None  # [2, dim] ranges for embedding_type int8/uint8 (e.g. the corpus run's OUTPUT.ranges.npy)
 
     def __post_init__(self) -> None:
         positive = ("max_batch_tokens", "max_batch_size", "max_queue_tokens", "max_concurrent_requests",
                     "max_request_items", "payload_limit", "tokenization_workers")
         for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {value}")
+        check_options(self.long_text, self.chunk_overlap, self.chunk_pooling)
         if self.max_wait_ms < 0 or self.threads < 0:
             raise ValueError("max-wait-ms and threads must be >= 0")
         if not 0.0 <= self.max_padding < 1.0:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from runtime.serve.errors import ApiError
-from runtime.serve.output import ENCODING_FORMATS
+from runtime.serve.output import EMBEDDING_TYPES, ENCODING_FORMATS
 from runtime.tokenization import InputItem, has_lone_surrogate, parse_input
 
 
@@ -25,6 +25,7 @@ class EmbedRequest:
 
     items: list[InputItem]
     encoding_format: str = "float"
+    embedding_type: str = "float"
     normalize: bool = True
     truncate: bool = True
 
@@ -45,7 +46,8 @@ def parse_json(body: bytes) -> Any:
 
 
 def parse_openai(data: Any, instructions: dict[str, str], dim: int, max_items: int) -> EmbedRequest:
-    """``POST /v1/embeddings``: ``input``, ``model``, ``encoding_format``, ``dimensions``, ``instruction``, ``instruction_name``."""
+    """``POST /v1/embeddings``: ``input``, ``model``, ``encoding_format``, ``embedding_type``, ``dimensions``,
+    ``instruction``, ``instruction_name``."""
     body = _object(data)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
@@ -56,11 +58,12 @@ def parse_openai(data: Any, instructions: dict[str, str], dim: int, max_items: i
     _check_dimensions(body.get("dimensions"), dim)
     instruction = _instruction(body, "instruction", "instruction_name", instructions)
     items = _items(body, "input", instruction, max_items)
-    return EmbedRequest(items=items, encoding_format=fmt)
+    return EmbedRequest(items=items, encoding_format=fmt, embedding_type=_embedding_type(body))
 
 
 def parse_tei(data: Any, instructions: dict[str, str], dim: int, max_items: int) -> EmbedRequest:
-    """``POST /embed`` (text-embeddings-inference's shape): ``inputs``, ``normalize``, ``truncate``, ``prompt_name``."""
+    """``POST /embed`` (text-embeddings-inference's shape): ``inputs``, ``normalize``, ``truncate``, ``prompt_name``,
+    and ``embedding_type``."""
     body = _object(data)
     normalize = _flag(body, "normalize", True)
     truncate = _flag(body, "truncate", True)
@@ -70,7 +73,14 @@ def parse_tei(data: Any, instructions: dict[str, str], dim: int, max_items: int)
     _check_dimensions(body.get("dimensions"), dim)
     instruction = _instruction(body, None, "prompt_name", instructions)
     items = _items(body, "inputs", instruction, max_items)
-    return EmbedRequest(items=items, normalize=normalize, truncate=truncate)
+    return EmbedRequest(items=items, embedding_type=_embedding_type(body), normalize=normalize, truncate=truncate)
+
+
+def _embedding_type(body: dict[str, Any]) -> str:
+    value = body.get("embedding_type") or "float"
+    if value not in EMBEDDING_TYPES:
+        raise ApiError(400, f"embedding_type must be one of {', '.join(EMBEDDING_TYPES)}, got {value!r}", "invalid_value", "embedding_type")
+    return value
 
 
 def _object(data: Any) -> dict[str, Any]:
