@@ -31,7 +31,7 @@ import numpy as np
 from export import mixed_precision, optimize, quantize
 from export.manifest import build_manifest, io_spec
 from export.onnx_graph import DEFAULT_OPSET, export_onnx, ff_width
-from export.parity import GATES, GateError, calibration_inputs, check_gate, compare, run_batches
+from export.parity import GATES, GateError, ParityReport, calibration_inputs, check_gate, compare, run_batches
 from export.tensorrt import DEFAULT_TIMING_CACHE, Profile
 from runtime.atomic import atomic_write_text
 from runtime.bundle import (
@@ -83,6 +83,9 @@ def onnx_runner(path: Path, precision: str = "fp32") -> tuple[Runner, str]:
     return (lambda feats: session.run(None, feats)[0]), f"onnxruntime {ort.__version__} {provider}"
 
 
+EngineResult = tuple[Path, ParityReport, dict[str, Any]]  # the engine file, its parity, extra manifest fields
+
+
 class Verifier:
     """The PyTorch reference on the calibration set, computed once; ``check`` measures an engine against it."""
 
@@ -100,22 +103,13 @@ class Verifier:
         tok = self.model.tokenizer
         return [tok(self.inputs[i : i + self.batch_size]) for i in range(0, len(self.inputs), self.batch_size)]
 
-    def check(self, runner: Runner, runner_name: str) -> dict[str, Any]:
+    def check(self, runner: Runner, runner_name: str) -> ParityReport:
         candidate = run_batches(runner, self.model.tokenizer, self.inputs, self.batch_size)
         parity = compare(self.reference, candidate)
-        failures = check_gate(parity, self.gate)
-        return {
-            **parity.as_dict(),
-            "reference": self.reference_name,
-            "runner": runner_name,
-            "batch_size": self.batch_size,
-            "gate": self.gate,
-            "passed": not failures,
-            "failures": failures,
-        }
+        return ParityReport(parity, self.reference_name, runner_name, self.batch_size, dict(self.gate), tuple(check_gate(parity, self.gate)))
 
 
-def _fp32_onnx(model: InstructorModel, base: Path, workdir: Path, opts: ExportOptions, verifier: Verifier):
+def _fp32_onnx(model: InstructorModel, base: Path, workdir: Path, opts: ExportOptions, verifier: Verifier) -> EngineResult:
     rejected = []
     if opts.optimize:
         for label, make in optimize.candidates(model, base, workdir):
@@ -125,9 +119,9 @@ def _fp32_onnx(model: InstructorModel, base: Path, workdir: Path, opts: ExportOp
                 rejected.append({"candidate": label, "reason": f"failed: {exc}"})
                 continue
             report = verifier.check(*onnx_runner(cand.path))
-            if report["passed"]:
+            if report.passed:
                 return cand.path, report, {"graph": {**cand.info, "rejected": rejected}}
-            rejected.append({"candidate": label, "reason": "; ".join(report["failures"])})
+            rejected.append({"candidate": label, "reason": "; ".join(report.failures)})
     report = verifier.check(*onnx_runner(base))
     return base, report, {"graph": {"applied": "none", "rejected": rejected}}
 
@@ -146,7 +140,7 @@ def _race(runners: dict[str, Runner], verifier: Verifier, rounds: int = 3) -> di
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def _int8_onnx(model: InstructorModel, base: Path, workdir: Path, opts: ExportOptions, verifier: Verifier):
+def _int8_onnx(model: InstructorModel, base: Path, workdir: Path, opts: ExportOptions, verifier: Verifier) -> EngineResult:
     """Measure every int8 recipe on the gate-checked fp32 graph and keep the fastest that passes the gate.
 
     Every recipe is quantized with all encoder MatMuls in int8 and checked; if none passes, the MatMuls are ranked
@@ -159,33 +153,33 @@ def _int8_onnx(model: InstructorModel, base: Path, workdir: Path, opts: ExportOp
     fp32_graph, _, fp32_extra = _fp32_onnx(model, base, workdir, opts, fp32_verifier)
     src = quantize.prepare(fp32_graph, workdir / "int8.src.onnx")
     measured: list[dict[str, Any]] = []
-    candidates: dict[str, tuple[Path, dict[str, Any], dict[str, Any]]] = {}  # label -> (path, report, info)
+    candidates: dict[str, tuple[Path, ParityReport, dict[str, Any]]] = {}  # label -> (path, report, info)
 
-    def attempt(recipe: quantize.Recipe) -> dict[str, Any]:
+    def attempt(recipe: quantize.Recipe) -> ParityReport:
         path = workdir / f"int8.{len(measured)}.onnx"
         info = quantize.quantize(src, path, recipe, verifier.feeds)
         report = verifier.check(*onnx_runner(path))
-        measured.append({"recipe": recipe.label, "min_cosine": report["min_cosine"], "mean_cosine": report["mean_cosine"], "passed": report["passed"]})
+        measured.append({"recipe": recipe.label, "min_cosine": report.min_cos, "mean_cosine": report.parity.mean_cos, "passed": report.passed})
         candidates[recipe.label] = (path, report, info)
         return report
 
     full = {recipe: attempt(recipe) for recipe in quantize.recipes(src, opts.per_channel)}
     sensitivity: dict[str, float] = {}
-    if not any(r["passed"] for r in full.values()):
-        recipe = max(full, key=lambda r: full[r]["min_cosine"])
+    if not any(r.passed for r in full.values()):
+        recipe = max(full, key=lambda r: full[r].min_cos)
         names = quantize.weight_matmuls(src)
         for name in names:  # each MatMul alone in int8
             alone = quantize.Recipe(recipe.method, recipe.per_channel, keep_fp32=tuple(n for n in names if n != name))
             path = workdir / "int8.alone.onnx"
             quantize.quantize(src, path, alone, verifier.feeds)
-            sensitivity[name] = 1.0 - verifier.check(*onnx_runner(path))["min_cosine"]
+            sensitivity[name] = 1.0 - verifier.check(*onnx_runner(path)).min_cos
         order = quantize.sensitivity_order(sensitivity)
         low, high = 1, len(order)  # bisect the fewest fp32 MatMuls (most harmful first) that pass the gate
         while low < high:
             k = (low + high) // 2
             report = attempt(quantize.Recipe(recipe.method, recipe.per_channel, recipe.attention, tuple(order[:k])))
-            low, high = (low, k) if report["passed"] else (k + 1, high)
-    passing = {label: c for label, c in candidates.items() if c[1]["passed"]}
+            low, high = (low, k) if report.passed else (k + 1, high)
+    passing = {label: c for label, c in candidates.items() if c[1].passed}
     if passing:
         seconds = _race({FP32_LABEL: onnx_runner(src)[0], **{label: onnx_runner(c[0])[0] for label, c in passing.items()}}, verifier)
         for m in measured:
@@ -193,7 +187,7 @@ def _int8_onnx(model: InstructorModel, base: Path, workdir: Path, opts: ExportOp
         measured.insert(0, {"recipe": FP32_LABEL, "calibration_set_seconds": seconds[FP32_LABEL]})
         path, report, info = passing[min(passing, key=seconds.get)]
     else:
-        path, report, info = max(candidates.values(), key=lambda c: c[1]["min_cosine"])  # for the gate's message
+        path, report, info = max(candidates.values(), key=lambda c: c[1].min_cos)  # for the gate's message
     graph = {**info, "fp32_graph": fp32_extra["graph"], "measured": measured}
     if sensitivity:
         graph["sensitivity"] = {"damage": "1 - min cosine with only this MatMul in int8", "matmuls": sensitivity}
@@ -203,7 +197,7 @@ def _int8_onnx(model: InstructorModel, base: Path, workdir: Path, opts: ExportOp
 FP32_LABEL = "fp32 (not quantized)"
 
 
-def make_engine(model: InstructorModel, workdir: Path, out: Path, opts: ExportOptions, verifier: Verifier):
+def make_engine(model: InstructorModel, workdir: Path, out: Path, opts: ExportOptions, verifier: Verifier) -> EngineResult:
     """Write the engine for ``opts.precision`` into ``workdir``; return (path, parity report, extra manifest fields)."""
     if engine_kind(out) == "pt2":
         from export.pt2 import make_pt2_engine
@@ -301,13 +295,13 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
     verifier = Verifier(model, opts.precision, opts.gate, long_rows, batch_size, opts.reference_device)
     with owned_temp_dir(out.parent, f".{out.name}.tmp-") as workdir:  # also removes those of killed earlier runs
         engine, report, extra = make_engine(model, workdir, out, opts, verifier)
-        if not report["passed"]:
+        if not report.passed:
             raise GateError(
-                f"{out}: parity gate failed for {opts.precision}: {'; '.join(report['failures'])} (no engine written)"
+                f"{out}: parity gate failed for {opts.precision}: {'; '.join(report.failures)} (no engine written)"
             )
         if engine.name != out.name:
             engine = engine.rename(workdir / out.name)
-        manifest = build_manifest(model, checkpoint, engine, opts.precision, kind, report, extra)
+        manifest = build_manifest(model, checkpoint, engine, opts.precision, kind, report.as_dict(), extra)
         shutil.copyfile(model.tokenizer.path, workdir / tokenizer_path(out).name)
         moves = [(engine, out), (workdir / tokenizer_path(out).name, tokenizer_path(out))]
         onnx_src = workdir / source_onnx_path(out).name

@@ -63,6 +63,38 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> Parity:
     )
 
 
+@dataclass(frozen=True)
+class ParityReport:
+    """An engine measured against the reference under a gate: what the exporter decides on and the manifest keeps."""
+
+    parity: Parity
+    reference: str
+    runner: str
+    batch_size: int
+    gate: dict[str, float]
+    failures: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def min_cos(self) -> float:
+        return self.parity.min_cos
+
+    def as_dict(self) -> dict[str, Any]:
+        """The manifest's ``parity`` field."""
+        return {
+            **self.parity.as_dict(),
+            "reference": self.reference,
+            "runner": self.runner,
+            "batch_size": self.batch_size,
+            "gate": dict(self.gate),
+            "passed": self.passed,
+            "failures": list(self.failures),
+        }
+
+
 def check_gate(parity: Parity, gate: dict[str, float]) -> list[str]:
     """The gate's failures as sentences (empty when it passes)."""
     failures = []

@@ -26,6 +26,7 @@ import torch
 
 from export import fx_precision
 from export.onnx_graph import example_features, ff_width
+from export.parity import ParityReport
 from runtime.backends.pt2 import Pt2Backend, build_target
 from runtime.bundle import INPUT_NAMES, Manifest
 from runtime.deps import MissingDependency
@@ -76,7 +77,9 @@ def pt2_backend(path: Path, fields: dict[str, Any], device: str) -> tuple[Pt2Bac
     return backend, f"torch-aoti {fields['torch']} {fields['device']} (runtime.backends.pt2)"
 
 
-def make_pt2_engine(model: InstructorModel, workdir: Path, out: Path, precision: str, device: str, verifier: Any):
+def make_pt2_engine(
+    model: InstructorModel, workdir: Path, out: Path, precision: str, device: str, verifier: Any
+) -> tuple[Path, ParityReport, dict[str, Any]]:
     """Export, compile and verify the ``.pt2``; return (path, parity report, extra manifest fields)."""
     if precision == "int8":
         raise ValueError("int8 engines are ONNX Runtime CPU engines: use --out NAME.onnx")

@@ -19,7 +19,7 @@ from export.__main__ import main as export_main
 from export.build import ExportOptions, export_bundle
 from export.mixed_precision import convert as mixed_convert
 from export.onnx_graph import export_onnx, ff_width
-from export.parity import calibration_inputs, compare, run_batches
+from export.parity import ParityReport, calibration_inputs, check_gate, compare, run_batches
 from export import quantize
 from export.tensorrt import Profile
 from runtime.bundle import load_manifest, source_onnx_path, tokenizer_path
@@ -408,3 +408,21 @@ def test_plan_of_tiny_passes_gate_on_gpu(tmp_path, precision):
     manifest = export_bundle(TINY, out, opts)
     assert manifest["parity"]["passed"] and source_onnx_path(out).is_file() and (tmp_path / "timing.cache").is_file()
     assert {"version", "compute_capability", "device_name"} <= set(manifest["tensorrt"])
+
+
+def test_parity_report_decides_on_the_gate_and_keeps_the_manifest_fields():
+    ref = np.eye(3, dtype=np.float32)
+    cand = ref.copy()
+    cand[2] = [0.0, 0.6, 0.8]  # cosine 0.8 with its reference row
+    cand[1, 1] = np.nan
+    parity = compare(ref, cand)
+    gate = {"min_cos": 0.99}
+    report = ParityReport(parity, "pytorch fp32 (cpu)", "onnxruntime", 16, gate, tuple(check_gate(parity, gate)))
+    assert not report.passed and report.min_cos == -1.0  # a NaN row counts as cosine -1
+    assert report.failures == ("1 rows are NaN/inf", "min cosine -1.000000 < 0.99")
+    fields = report.as_dict()
+    assert fields["passed"] is False and fields["failures"] == list(report.failures)
+    assert set(fields) == {"rows", "min_cosine", "mean_cosine", "max_abs_diff", "nonfinite_rows", "reference", "runner", "batch_size", "gate", "passed", "failures"}
+    json.dumps(fields)  # the manifest is JSON
+    clean = compare(ref, ref)
+    assert ParityReport(clean, "r", "e", 1, gate, tuple(check_gate(clean, gate))).passed
