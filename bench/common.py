@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -239,9 +240,40 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[\w.+@-]+/)*[\w.+@-]+/?")
+
+
+def _shown(match: re.Match[str]) -> str:
+    path = match.group(0)
+    cwd = os.getcwd().rstrip("/")
+    if path == cwd or path.startswith(cwd + "/"):
+        return os.path.relpath(path, cwd)
+    parts = Path(path).parts
+    if "site-packages" in parts:
+        return "/".join(parts[parts.index("site-packages") :])
+    return ".../" + "/".join(parts[-2:]) if len(parts) > 3 else path
+
+
+def portable(data: Any) -> Any:
+    """``data`` with every absolute path made portable: relative to the working folder when inside it, from
+    ``site-packages`` for installed files, else its last two parts after ``.../``. Results are shared, and the
+    folders of the machine that measured them mean nothing to a reader (the environment block keeps CPU and
+    versions)."""
+    if isinstance(data, str):
+        return _ABSOLUTE_PATH.sub(_shown, data)
+    if isinstance(data, Path):
+        return portable(str(data))
+    if isinstance(data, dict):
+        return {portable(k): portable(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [portable(v) for v in data]
+    return data
+
+
 def write_json(path: Path, data: Any) -> None:
+    """Write a result as indented JSON, its paths made portable."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(portable(data), indent=2) + "\n", encoding="utf-8")
 
 
 def publish(report: dict[str, Any], out: Path, chart: Callable[[dict[str, Any], Path], None]) -> None:

@@ -10,11 +10,12 @@ and the build time and gate figures are written to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from bench.common import write_json
 
 
 def missing_prerequisite(engine: Path, device: str) -> str | None:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
     result = {"engine": str(args.engine), "precision": args.precision, "device": args.device, **result}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"{args.engine.name}: {result['status']} {result.get('reason') or result.get('error') or ''}", flush=True)
     return 0 if result["status"] in ("passed", "skipped") else 1
 

@@ -4,14 +4,14 @@
 # own torch, transformers, onnx and onnxruntime (docs/benchmarks.md, "GPU check").
 #
 # Usage: bench/gpu_check.sh [--dry-run] DIR
-#   DIR        every result goes here: one JSON per step as soon as it is measured, logs/, work/ (checkpoints and
+#   DIR        every result goes here: one JSON per step as soon as it is measured, logs/, artifacts/ (checkpoints and
 #              engines), and DIR/gpu_check.json, all of them merged (also after a step ran out of time).
 #   --dry-run  every step on the CPU with the tiny shapes and one .pt2 (what CI runs): checks the script, not the GPU.
 #
 # Steps and time limits (seconds; each is also cut to what is left of the 470 s budget, so the whole run stays
 # under 8 minutes):
 #   env 20          versions, GPU name and capability                                    -> env.json
-#   checkpoint 60   random-weight T5-large shape (python -m bench.shapes large)          -> work/ckpt-large
+#   checkpoint 60   random-weight T5-large shape (python -m bench.shapes large)          -> artifacts/ckpt-large
 #   in parallel, 250:
 #     parity        .pt2 fp32/fp16/bf16 of the tiny fixture vs golden vectors, overflow fixture fp16/bf16,
 #                   naive all-fp16 contrast (python -m bench.gpu_parity)                 -> parity.json
@@ -31,7 +31,7 @@ if [[ $# -ne 1 || "$1" == -* ]]; then
   echo "usage: bench/gpu_check.sh [--dry-run] DIR" >&2
   exit 2
 fi
-mkdir -p "$1/logs" "$1/work" || exit 2
+mkdir -p "$1/logs" "$1/artifacts" || exit 2
 DIR=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -98,29 +98,29 @@ if (( DRY_RUN )); then
 else
   DEVICE=cuda
   SHAPE=large
-  CKPT="$DIR/work/ckpt-large"
+  CKPT="$DIR/artifacts/ckpt-large"
   PARITY_FLAGS=()
   MEASURE_FLAGS=()
   [[ -f "$CKPT/modules.json" ]] || step checkpoint 60 "$PY" -m bench.shapes large "$CKPT"
 fi
 
-step parity 250 "$PY" -m bench.gpu_parity --out "$DIR/parity.json" --workdir "$DIR/work" --device "$DEVICE" \
+step parity 250 "$PY" -m bench.gpu_parity --out "$DIR/parity.json" --workdir "$DIR/artifacts" --device "$DEVICE" \
   ${PARITY_FLAGS[@]+"${PARITY_FLAGS[@]}"} &
 build() {  # build NAME PRECISION: one engine of the checkpoint, in the background
-  step "build-$1" 250 "$PY" -m bench.gpu_build "$CKPT" "$DIR/work/$SHAPE-$1" --precision "$2" --device "$DEVICE" \
+  step "build-$1" 250 "$PY" -m bench.gpu_build "$CKPT" "$DIR/artifacts/$SHAPE-$1" --precision "$2" --device "$DEVICE" \
     --out "$DIR/build-$1.json" &
 }
 if (( DRY_RUN )); then
-  ENGINES=(--engine "pt2-fp16=$DIR/work/tiny-fp16.pt2")  # the parity step's
+  ENGINES=(--engine "pt2-fp16=$DIR/artifacts/tiny-fp16.pt2")  # the parity step's
 else
   build fp16.pt2 fp16
   build bf16.pt2 bf16
-  ENGINES=(--engine "pt2-fp16=$DIR/work/large-fp16.pt2" --engine "pt2-bf16=$DIR/work/large-bf16.pt2")
+  ENGINES=(--engine "pt2-fp16=$DIR/artifacts/large-fp16.pt2" --engine "pt2-bf16=$DIR/artifacts/large-bf16.pt2")
 fi
 build fp16.onnx fp16
 build fp16.plan fp16
 wait
-ENGINES+=(--engine "onnx-fp16=$DIR/work/$SHAPE-fp16.onnx" --engine "plan-fp16=$DIR/work/$SHAPE-fp16.plan")
+ENGINES+=(--engine "onnx-fp16=$DIR/artifacts/$SHAPE-fp16.onnx" --engine "plan-fp16=$DIR/artifacts/$SHAPE-fp16.plan")
 
 step throughput 140 "$PY" -m bench.gpu_steps --out "$DIR/throughput.json" --checkpoint "$CKPT" --device "$DEVICE" \
   "${ENGINES[@]}" ${MEASURE_FLAGS[@]+"${MEASURE_FLAGS[@]}"}

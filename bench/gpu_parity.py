@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from bench.common import write_json
 from bench.gpu_build import build
 from bench.shapes import TINY_FIXTURE, make_overflow_checkpoint
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # keep going: one broken engine must not hide the others' figures
             value = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
         results["engines"][key] = value
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.out, results)
         print(f"{key}: {value.get('status')} {json.dumps(value.get('golden', value.get('export_gate', value.get('error', ''))))[:300]}", flush=True)
 
     overflow = args.workdir / "ckpt-overflow"
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         record(f"{name}-{precision}.pt2", measure)
     record("overflow-naive-fp16", lambda: naive_fp16(overflow, args.device))
     results["status"] = "done"
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     ok = all(v["status"] in ("passed", "measured") for v in results["engines"].values())
     return 0 if ok and all(v.get("golden", {}).get("passed", True) for v in results["engines"].values()) else 1
 

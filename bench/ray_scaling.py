@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import write_json
 from runtime import encode
 
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ray.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     for run in results["runs"]:
         print(f"{run['mode']:>20}  workers={run['workers']}  {run['docs_per_s']:8.1f} docs/s  ({run['elapsed_s']:.2f} s)")
     return 0

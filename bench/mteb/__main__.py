@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from bench.common import write_json
 from bench.datafiles import DataError
 from bench.encoders import default_table, load_encoder
-from bench.mteb.model import InstructorMTEBModel, Instructions, instruction_tables
+from bench.mteb.model import Instructions, InstructorMTEBModel, instruction_tables
 from bench.mteb.offline import DERIVED, LAYOUTS, offline_task
 
 DESCRIPTION = """\
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     expected = json.loads(args.compare.read_text(encoding="utf-8")) if args.compare else {}
     header = {"engine": str(args.engine), **info, "instructions_for": table, "batch_size": args.batch_size, "mteb_version": mteb.__version__}
     rows = summarize(results, model, expected)
-    (out / "summary.json").write_text(json.dumps({**header, "results": rows}, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "summary.json", {**header, "results": rows})
     (out / "summary.md").write_text(markdown(rows, header), encoding="utf-8")
     print(markdown(rows, header))
     return 0

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from bench.common import write_json
 from bench.datafiles import DataError
 from bench.encoders import SentenceEncoder, load_encoder
 from bench.prompt_retrieval import tasks as task_defs
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(out / f"prompts-{mode}.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
         summary["modes"][mode] = {"instruction": instruction, **stats}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(markdown(summary), encoding="utf-8")
     print(markdown(summary))
     return 0
