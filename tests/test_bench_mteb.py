@@ -56,15 +56,9 @@ def test_instructions_none_encodes_plain_text(tmp_path, tiny_model):
 
 
 def test_retrieval_uses_query_and_corpus_instructions(tmp_path):
-    beir = tmp_path / "data" / "scifact"
-    (beir / "qrels").mkdir(parents=True)
-    docs = [("d1", "Aspirin", "Aspirin lowers fever."), ("d2", "", "Cats sleep a lot."), ("d3", "Rain", "Clouds bring rain.")]
-    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n" for i, t, x in docs))
-    queries = [("q1", "What reduces fever?"), ("q2", "Why is it raining?"), ("q3", "unjudged query")]
-    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": x}) + "\n" for i, x in queries))
-    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td3\t1\n")
+    # the BEIR sample of the data layout: 3 documents, 3 queries (one unjudged), 2 judgements
     out = tmp_path / "out"
-    assert main(["--engine", str(TINY), "--tasks", "SciFact", "--data-dir", str(tmp_path / "data"), "--output-dir", str(out)]) == 0
+    assert main(["--engine", str(TINY), "--tasks", "SciFact", "--data-dir", str(DATA), "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     row = summary["results"][0]
     assert row["metric"] == "ndcg_at_10" and 0.0 < row["score"] <= 1.0
@@ -72,7 +66,7 @@ def test_retrieval_uses_query_and_corpus_instructions(tmp_path):
         "query": "Represent a Scientific query for retrieving a supporting passage; ",
         "document": "represent the Scientific passage for retrieval; ",
     }
-    task = offline_task("SciFact", tmp_path / "data")
+    task = offline_task("SciFact", DATA)
     task.load_data()
     split = task.dataset["default"]["test"]
     assert split["queries"]["id"] == ["q1", "q2"]  # queries without judgements are dropped, as mteb does
