@@ -181,6 +181,26 @@ def test_int8_recipes_give_the_golden_vectors_within_the_int8_gate(recipe, tiny_
     assert parity.nonfinite_rows == 0 and parity.min_cos >= 0.99, parity
 
 
+def test_int8_static_calibration_one_batch_at_a_time_gives_the_same_ranges(tiny_graph, tiny_model, tmp_path, monkeypatch):
+    """Strided calibration bounds memory to one batch; its merged min/max must equal ORT's all-at-once ranges."""
+    import onnxruntime.quantization as ortq
+    from onnx import numpy_helper
+
+    src = quantize.prepare(tiny_graph, tmp_path / "src.onnx")
+    feeds = lambda: tiny_calibration(tiny_model)  # noqa: E731
+    quantize.quantize(src, tmp_path / "strided.onnx", quantize.Recipe("static", True), feeds)
+    all_at_once = ortq.quantize_static
+    monkeypatch.setattr(ortq, "quantize_static", lambda *a, **k: all_at_once(*a, **{**k, "extra_options": {}}))
+    quantize.quantize(src, tmp_path / "whole.onnx", quantize.Recipe("static", True), feeds)
+
+    def qparams(path: Path) -> dict[str, np.ndarray]:
+        return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer if i.name.endswith(("_scale", "_zero_point"))}
+
+    strided, whole = qparams(tmp_path / "strided.onnx"), qparams(tmp_path / "whole.onnx")
+    assert len(tiny_calibration(tiny_model)) > 1 and strided.keys() == whole.keys() and len(strided) > 10
+    assert all(np.array_equal(strided[k], whole[k]) for k in strided)
+
+
 def test_int8_static_recipe_quantizes_activations_and_attention_from_calibration(tiny_graph, tiny_model, tmp_path):
     src = quantize.prepare(tiny_graph, tmp_path / "src.onnx")
     info = quantize.quantize(src, tmp_path / "q.onnx", quantize.Recipe("static", True), lambda: tiny_calibration(tiny_model))
