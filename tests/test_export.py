@@ -181,8 +181,19 @@ def test_int8_recipes_give_the_golden_vectors_within_the_int8_gate(recipe, tiny_
     assert parity.nonfinite_rows == 0 and parity.min_cos >= 0.99, parity
 
 
+def test_static_calibration_rows_are_unpadded_single_rows(tiny_model):
+    batches = tiny_calibration(tiny_model)
+    rows = list(quantize.single_rows(batches))
+    assert len(rows) == sum(len(b["input_ids"]) for b in batches)
+    first = batches[0]
+    length = int(first["attention_mask"][1].sum())
+    assert rows[1]["input_ids"].shape == (1, length) and rows[1]["attention_mask"].all()
+    assert np.array_equal(rows[1]["input_ids"][0], first["input_ids"][1, :length])
+    assert rows[1]["instruction_count"].tolist() == [first["instruction_count"][1]]
+
+
 def test_int8_static_calibration_one_batch_at_a_time_gives_the_same_ranges(tiny_graph, tiny_model, tmp_path, monkeypatch):
-    """Strided calibration bounds memory to one batch; its merged min/max must equal ORT's all-at-once ranges."""
+    """Strided calibration bounds memory to one row; its merged min/max must equal ORT's all-at-once ranges."""
     import onnxruntime.quantization as ortq
     from onnx import numpy_helper
 
