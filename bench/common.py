@@ -185,16 +185,24 @@ def environment() -> dict[str, Any]:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             continue
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), []
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        info = []
+    for line in info:
+        if line.startswith("model name") and cpu == platform.processor():
+            cpu = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+            flags = sorted(f for f in line.split(":", 1)[1].split() if f in SPEED_FLAGS or f.startswith(("avx512", "amx")))
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "loadavg_at_start": load, "python": platform.python_version(), "versions": versions}
+    # the vector extensions decide the int8/fp32 ratio (VNNI: int8 dot products in one instruction), and a VM's
+    # model name often hides which CPU it is
+    return {"cpu": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(), "loadavg_at_start": load,
+            "python": platform.python_version(), "versions": versions}
+
+
+SPEED_FLAGS = {"avx", "avx2", "fma", "f16c", "avx_vnni", "avx_vnni_int8", "sse4_2"}
 
 
 @dataclass

@@ -92,3 +92,11 @@ def test_results_keep_no_machine_paths(tmp_path, monkeypatch):
         "link": "https://example.org/a/b/c",
         "ratio": 1.5,
     }
+
+
+def test_environment_records_the_vector_extensions():
+    from bench.common import environment
+
+    env = environment()
+    assert isinstance(env["cpu_flags"], list) and env["cpu_count"] >= 1
+    assert all(f in {"avx", "avx2", "fma", "f16c", "avx_vnni", "avx_vnni_int8", "sse4_2"} or f.startswith(("avx512", "amx")) for f in env["cpu_flags"])
