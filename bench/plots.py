@@ -15,6 +15,12 @@ def _pyplot():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def throughput_chart(report: dict[str, Any], path: Path) -> None:
     """Grouped bars: docs/s per model, one bar per contender, labelled with the ratio to the reference."""
     plt = _pyplot()
@@ -31,9 +37,7 @@ def throughput_chart(report: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{model} ({report['models'][model]['tokens_mean']:.0f} tok/doc)")
         ax.set_ylabel("docs/s")
     fig.suptitle(f"CPU throughput, batch {report['batch_size']}, median of {report['repeats']} ({report['environment']['cpu']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def latency_chart(report: dict[str, Any], path: Path) -> None:
@@ -60,9 +64,7 @@ def latency_chart(report: dict[str, Any], path: Path) -> None:
         ax.set_title(f"batch {batch}")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Latency, {report['model']} ({report['environment']['cpu']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def quality_vs_size_chart(report: dict[str, Any], path: Path) -> None:
@@ -82,9 +84,7 @@ def quality_vs_size_chart(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("SciFact nDCG@10")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def serve_chart(report: dict[str, Any], path: Path) -> None:
@@ -108,6 +108,4 @@ def serve_chart(report: dict[str, Any], path: Path) -> None:
     start, end = report["environment"].get("loadavg_at_start"), report.get("loadavg_at_end")
     load = f" (load {start[0]:.1f} at start, {end[0]:.1f} at end)" if start and end else ""
     fig.suptitle(f"Serving, {report['environment']['cpu']}{load}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +77,19 @@ def tiny_engine(tmp_path_factory) -> Path:
     if not Path(f"{engine}.manifest.json").is_file():
         export_bundle(TINY, engine)
     return engine
+
+
+TORCH_FREE_CHECK = """
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "trainer", "export", "transformers"))
+assert not bad, bad
+print("ok")
+"""
+
+
+def assert_torch_free(code: str) -> None:
+    """Run ``code`` in a fresh interpreter from the repository root; it must pass without importing torch,
+    trainer, export or transformers."""
+    res = subprocess.run([sys.executable, "-c", "import sys\n" + code + TORCH_FREE_CHECK], cwd=FIXTURES.parent.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("ok")

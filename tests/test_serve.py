@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from runtime import Encoder  # noqa: E402
 from runtime.serve.app import create_app  # noqa: E402
 from runtime.serve.config import ServeConfig, load_instructions  # noqa: E402
 from bench.serve import scrape  # noqa: E402
+from tests.conftest import assert_torch_free  # noqa: E402
 from tests.serve_support import GatedEncoder, live_server, metric  # noqa: E402
 
 QUERY = "Represent the Wikipedia question for retrieving supporting documents: "
@@ -234,8 +234,6 @@ def test_instructions_file_errors(tmp_path):
 
 def test_server_never_imports_torch(tiny_engine):
     """The server's modules, app start-up and one request in a fresh interpreter: torch, trainer, export stay out."""
-    from tests.serve_support import ROOT
-
     code = f"""
 import sys
 import runtime.serve.__main__
@@ -244,13 +242,8 @@ from runtime.serve.app import create_app
 from runtime.serve.config import ServeConfig
 with TestClient(create_app(ServeConfig(engine={str(tiny_engine)!r}))) as client:
     assert client.post("/v1/embeddings", json={{"input": ["a", ["I: ", "b"]]}}).status_code == 200
-bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "trainer", "export", "transformers"))
-assert not bad, bad
-print("ok")
 """
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip().endswith("ok")
+    assert_torch_free(code)
 
 
 def test_engine_failure_is_a_500_for_that_request_only(tiny_engine):
