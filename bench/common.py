@@ -185,16 +185,13 @@ def environment() -> dict[str, Any]:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             continue
-    cpu, flags = platform.processor(), []
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         info = []
-    for line in info:
-        if line.startswith("model name") and cpu == platform.processor():
-            cpu = line.split(":", 1)[1].strip()
-        elif line.startswith("flags") and not flags:
-            flags = sorted(f for f in line.split(":", 1)[1].split() if f in SPEED_FLAGS or f.startswith(("avx512", "amx")))
+    first = {key: next((line.split(":", 1)[1] for line in info if line.startswith(key)), "") for key in ("model name", "flags")}
+    cpu = first["model name"].strip() or platform.processor()
+    flags = sorted(f for f in first["flags"].split() if f in SPEED_FLAGS or f.startswith(("avx512", "amx")))
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     # the vector extensions decide the int8/fp32 ratio (VNNI: int8 dot products in one instruction), and a VM's
     # model name often hides which CPU it is

@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # recorded, so that gpu_check.json says what broke
         result = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
     result = {"engine": str(args.engine), "precision": args.precision, "device": args.device, **result}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)
     print(f"{args.engine.name}: {result['status']} {result.get('reason') or result.get('error') or ''}", flush=True)
     return 0 if result["status"] in ("passed", "skipped") else 1

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from export.parity import compare
+
 WORKER = Path(__file__).with_name("peer_worker.py")
 PEERS = ("st-torch", "st-onnx", "st-onnx-qint8", "fastembed", "infinity")
 VENV = {"st-torch": None, "st-onnx": "st-onnx", "st-onnx-qint8": "st-onnx", "fastembed": "fastembed", "infinity": "infinity"}
@@ -46,16 +48,13 @@ class Agreement:
 
 
 def agreement(reference: np.ndarray, candidate: np.ndarray, threshold: float) -> Agreement:
-    """Row-wise cosine of a peer's vectors with the reference's; shapes must match and rows be finite."""
-    ref = np.asarray(reference, dtype=np.float64)
-    cand = np.asarray(candidate, dtype=np.float64)
+    """Row-wise cosine of a peer's vectors with the reference's (the exporter's parity comparison: a NaN/inf row
+    counts as cosine -1); shapes must match."""
+    ref, cand = np.asarray(reference), np.asarray(candidate)
     if ref.shape != cand.shape:
         raise PeerError(f"vectors of shape {cand.shape}, expected {ref.shape}")
-    if not np.isfinite(cand).all():
-        return Agreement(-1.0, -1.0, threshold, False)
-    denom = np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-30)
-    cos = (ref * cand).sum(axis=1) / denom
-    return Agreement(float(cos.min()), float(cos.mean()), threshold, bool(cos.min() >= threshold))
+    parity = compare(ref, cand)
+    return Agreement(parity.min_cos, parity.mean_cos, threshold, parity.min_cos >= threshold)
 
 
 def parse_peer_python(values: list[str]) -> dict[str, Path]:

@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
                                         "elapsed_s": secs})
         finally:
             ray.shutdown()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, results)
     for run in results["runs"]:
         print(f"{run['mode']:>20}  workers={run['workers']}  {run['docs_per_s']:8.1f} docs/s  ({run['elapsed_s']:.2f} s)")

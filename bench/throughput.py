@@ -86,7 +86,8 @@ def our_contenders(model_name: str, ws: Workspace, items: list[Any], args: argpa
     """The reference path and the runtime at each precision the exporter can build."""
     from runtime import Encoder
 
-    out = [Contender("reference", lambda: reference.encode(items, batch_size=args.batch_size), lambda: reference.encode(items, batch_size=args.batch_size))]
+    encode = partial(reference.encode, items, batch_size=args.batch_size)
+    out = [Contender("reference", encode, encode)]
     for precision in args.precisions:
         base, dot, kind = precision.partition(".")  # "fp32.pt2": the .pt2 engine of that precision, for the CPU
         engine = ws.engine(model_name, base, f".{kind}" if dot else ".onnx")
@@ -162,7 +163,7 @@ def bench_model(model_name: str, docs: list[str], args: argparse.Namespace, ws: 
             **({"share_of_int8_peak": gflops / peaks["int8"]} if c.precision == "int8" else {}),
             **({"agreement": vars(agreements[c.name])} if c.name in agreements else {}),
             "counted": c.name not in agreements or agreements[c.name].passed,
-            **({"peer": {k: v for k, v in c.info.items()}} if c.name in args.peers else {}),
+            **({"peer": dict(c.info)} if c.name in args.peers else {}),
         }
     return {
         "checkpoint": str(ckpt),

@@ -74,13 +74,14 @@ def recipes(path: Path, per_channel: bool | None) -> list[Recipe]:
 
 def weight_matmuls(path: Path) -> list[str]:
     """The encoder MatMuls with a weight initializer, in graph order."""
-    return [k for k, v in encoder_matmuls(onnx.load(str(path), load_external_data=False).graph).items() if v]
+    return _matmuls(onnx.load(str(path), load_external_data=False).graph)[0]
 
 
-def head_matmuls(graph: onnx.GraphProto) -> list[str]:
-    """MatMuls outside the encoder (the Dense head): always fp32."""
-    weights = encoder_matmuls(graph)
-    return [n.name for n in graph.node if n.op_type == "MatMul" and n.name not in weights]
+def _matmuls(graph: onnx.GraphProto) -> tuple[list[str], list[str]]:
+    """(encoder MatMuls with a weight initializer, MatMuls outside the encoder: the Dense head, always fp32)."""
+    encoder = encoder_matmuls(graph)
+    head = [n.name for n in graph.node if n.op_type == "MatMul" and n.name not in encoder]
+    return [k for k, v in encoder.items() if v], head
 
 
 def single_rows(batches: Iterable[Feeds]) -> Iterator[Feeds]:
@@ -117,9 +118,8 @@ def quantize(src: Path, dst: Path, recipe: Recipe, calibration: Callable[[], Ite
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    graph = onnx.load(str(src), load_external_data=False).graph
-    weights = weight_matmuls(src)
-    exclude = head_matmuls(graph) + list(recipe.keep_fp32)
+    weights, head = _matmuls(onnx.load(str(src), load_external_data=False).graph)
+    exclude = head + list(recipe.keep_fp32)
     if recipe.method == "dynamic":
         quantize_dynamic(
             str(src),

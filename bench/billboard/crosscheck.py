@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = row
         print(f"{name}: {json.dumps(row)}", file=sys.stderr)
     report = {"model": str(args.model), "engine": args.engine, "instructions_for": args.instructions_for, "tasks": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report)
     print(json.dumps(report, indent=2))
     return 0
