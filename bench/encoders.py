@@ -20,12 +20,21 @@ class SentenceEncoder(Protocol):
     def encode(self, sentences: Any, batch_size: int = 32, show_progress_bar: bool | None = None, **kwargs: Any) -> Any: ...
 
 
-def load_encoder(path: str | Path) -> tuple[SentenceEncoder, dict[str, Any]]:
+ENGINE_SUFFIXES = (".onnx", ".plan", ".pt2")
+
+
+def load_encoder(path: str | Path, cache_dir: str | Path | None = None) -> tuple[SentenceEncoder, dict[str, Any]]:
     """An engine file through ``runtime.Encoder``, or a checkpoint folder through the PyTorch reference model.
 
+    A name that is neither, such as ``hkunlp/instructor-large``, is looked up where InstructorEmbedding's stack
+    downloaded it (``cache_dir``, then the default caches: ``trainer.model_source``); nothing is downloaded.
     Returns the encoder and a description (kind, precision, architecture, embedding_dim) for the result files.
     """
     path = Path(path)
+    if not path.exists() and path.suffix not in ENGINE_SUFFIXES:
+        from trainer.model_source import local_model_folder
+
+        path = local_model_folder(str(path), cache_dir)
     if path.is_dir():
         from trainer.model import InstructorModel
 

@@ -126,7 +126,15 @@ class Encoder:
 
     @property
     def max_seq_length(self) -> int:
-        return self.manifest.max_seq_length
+        """Tokens a text is cut at (long_text="truncate") or chunked by; the manifest's unless set lower."""
+        return self.tokenizer.max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        limit = self.manifest.max_seq_length
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise ValueError(f"max_seq_length={value}: this engine was exported and checked for at most {limit} tokens")
+        self.tokenizer = self.tokenizer.with_max_seq_length(value)
 
     @property
     def device(self) -> str:

@@ -143,6 +143,12 @@ class InstructionTokenizer:
         """The same tokenizer with the inference (strip) or training (no strip) rule."""
         return InstructionTokenizer(self.path, self.max_seq_length, self.do_lower_case, strip)
 
+    def with_max_seq_length(self, max_seq_length: int) -> "InstructionTokenizer":
+        """The same tokenizer truncating at ``max_seq_length`` tokens (``model.max_seq_length = n``)."""
+        if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 2:
+            raise ValueError(f"max_seq_length must be an int >= 2 (a token and the final special token), got {max_seq_length!r}")
+        return InstructionTokenizer(self.path, max_seq_length, self.do_lower_case, self.strip)
+
     def _prepare(self, text: str) -> str:
         return text.lower() if self.do_lower_case else text
 

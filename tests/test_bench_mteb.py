@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from scipy.stats import spearmanr
 mteb = pytest.importorskip("mteb")
 
 from bench.mteb.__main__ import main  # noqa: E402
-from bench.mteb.model import Instructions  # noqa: E402
+from bench.mteb.categories import averages, categories, dataset_of  # noqa: E402
+from bench.mteb.model import Instructions, instruction_tables  # noqa: E402
 from bench.datafiles import DataError  # noqa: E402
 from bench.mteb.offline import load_tables, offline_task, read_table  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
@@ -216,3 +218,85 @@ def test_missing_files_name_task_folders_and_files(tmp_path):
     with pytest.raises(DataError, match="not registered in mteb"):
         offline_task("NoSuchTask", tmp_path)
     assert main(["--engine", str(TINY), "--tasks", "STS15", "--data-dir", str(tmp_path)]) == 2
+
+
+# -- --category: the paper's English MTEB by category ---------------------------------------------------------------
+
+
+def _sts_rows() -> list[dict]:
+    return [{"sentence1": a, "sentence2": b, "score": s} for a, b, s in STS_PAIRS]
+
+
+def test_category_runs_the_tasks_found_and_names_the_rest(tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(DATA / "sts" / "STSBenchmark", data / "sts" / "STSBenchmark")
+    _write_jsonl(data / "sts" / "STS12" / "test.jsonl", _sts_rows())
+    for subset in ("en-en", "ko-ko"):  # upstream ran STS17's English pair only
+        _write_jsonl(data / "sts" / "STS17" / subset / "test.jsonl", _sts_rows())
+    out = tmp_path / "out"
+    assert main(["--engine", str(TINY), "--category", "sts", "--data-dir", str(data), "--output-dir", str(out)]) == 0
+    assert "note: --category sts: 3 of 10 tasks have files under" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["task"] for r in summary["results"]] == ["STS12", "STS17", "STSBenchmark"]
+    assert {r["category"] for r in summary["results"]} == {"sts"}
+    assert [m["task"] for m in summary["not_run"]] == ["BIOSSES", "SICK-R", "STS13", "STS14", "STS15", "STS16", "STS22"]
+    assert "task BIOSSES (STS): no local files. Looked in:" in summary["not_run"][0]["reason"]
+    sts17 = json.loads((out / "STS17.json").read_text())  # mteb's own result format
+    assert [s["hf_subset"] for s in sts17["scores"]["test"]] == ["en-en"]
+    scores = [r["score"] for r in summary["results"]]
+    assert summary["averages"] == {"sts": {"score": pytest.approx(sum(scores) / 3), "datasets_run": 3, "datasets": 10}}
+    table = (out / "summary.md").read_text()
+    assert "| sts | BIOSSES |  | not run: no files in the data folder |" in table
+    assert "| sts | **average** (3 of 10 datasets) |" in table and table.count("| sts |") == 11
+
+
+def test_category_all_and_a_bad_file_stops_only_its_task(tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(DATA / "scifact", data / "scifact")
+    _write_jsonl(data / "sts" / "STS12" / "test.jsonl", _sts_rows())
+    _write_jsonl(data / "sts" / "STS13" / "test.jsonl", [{"sentence1": "a", "sentence2": "b"}])  # no score column
+    out = tmp_path / "out"
+    assert main(["--engine", str(TINY), "--category", "all", "--data-dir", str(data), "--output-dir", str(out)]) == 1
+    assert "error: STS13:" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["category"], r["task"]) for r in summary["results"]] == [("retrieval", "SciFact"), ("sts", "STS12")]
+    failed = [m for m in summary["not_run"] if m["failed"]]
+    assert [m["task"] for m in failed] == ["STS13"] and "lacks column(s) ['score']" in failed[0]["reason"]
+    assert len(summary["not_run"]) == 67 - 2  # every other of the 67 tasks (56 datasets, CQADupstack as 12 subforums)
+    assert summary["averages"]["retrieval"]["datasets"] == 15 and summary["averages"]["retrieval"]["datasets_run"] == 1
+    assert summary["averages"]["classification"] == {"score": None, "datasets_run": 0, "datasets": 12}
+    assert "| sts | STS13 |  | failed: bad data files (see summary.json) |" in (out / "summary.md").read_text()
+
+
+def test_category_average_counts_cqadupstack_once():
+    rows = [{"task": "CQADupstackGisRetrieval", "score": 0.2}, {"task": "CQADupstackTexRetrieval", "score": 0.4}, {"task": "ArguAna", "score": 0.5}]
+    assert averages(rows, "retrieval") == {"retrieval": {"score": pytest.approx(0.4), "datasets_run": 2, "datasets": 15}}
+
+
+def test_category_lists_are_the_papers_and_every_task_has_its_instructions():
+    cats = categories()
+    assert sum(len({dataset_of(n) for n in names}) for names in cats.values()) == 56
+    assert {k: len(v) for k, v in cats.items()} == {
+        "retrieval": 26, "reranking": 4, "clustering": 11, "pair_classification": 3, "classification": 12, "sts": 10, "summarization": 1,
+    }  # fmt: skip
+    for table in instruction_tables():
+        instructions = Instructions(table)
+        assert all(instructions.has(n) for names in cats.values() for n in names), table
+    registered = {t.metadata.name for t in mteb.get_tasks(tasks=[n for names in cats.values() for n in names])}
+    assert registered == {n for names in cats.values() for n in names}
+
+
+def test_upstream_evaluate_model_flags(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    shutil.copytree(TINY, cache / "hkunlp_instructor-tiny")  # where InstructorEmbedding's stack downloaded it
+    out = tmp_path / "out"
+    argv = ["--model_name", "hkunlp/instructor-tiny", "--cache_dir", str(cache), "--task_name", "STSBenchmark",
+            "--output_dir", str(out), "--batch_size", "8", "--prompt", "hkunlp/instructor-xl", "--data-dir", str(DATA)]  # fmt: skip
+    assert main(argv) == 0 and 0 < abs(_score(out, "STSBenchmark")) <= 1
+    assert json.loads((out / "summary.json").read_text())["instructions_for"] == "hkunlp/instructor-xl"
+    with pytest.raises(SystemExit):
+        main(argv + ["--result_file", "results"])
+    assert "unrecognized arguments: --result_file results; see --help; docs/compatibility.md" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--engine", str(TINY), "--category", "sts"])
+    assert "--category needs --data-dir DATA_DIR" in capsys.readouterr().err

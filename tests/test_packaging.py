@@ -37,6 +37,21 @@ def test_the_wheel_holds_package_data_and_console_scripts(wheel):
         assert script in entry_points
 
 
+def test_the_license_is_an_spdx_expression_with_no_build_warning(wheel):
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_configuration(Distribution(), ROOT / "pyproject.toml")
+    assert [str(w.message) for w in caught] == []
+    with zipfile.ZipFile(wheel) as zf:
+        metadata = next(zf.read(n).decode() for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+    assert "License-Expression: Apache-2.0" in metadata
+
+
 @pytest.mark.slow
 def test_an_installed_wheel_exports_and_encodes_the_tiny_fixture(wheel, tmp_path):
     venv = tmp_path / "venv"

@@ -1,5 +1,6 @@
-"""Training and the PyTorch INSTRUCTOR model (the export source)."""
+"""Training, the PyTorch INSTRUCTOR model (the export source) and InstructorEmbedding 1.0.1's class on it."""
 
+from trainer.instructor import INSTRUCTOR
 from trainer.model import InstructorModel
 
-__all__ = ["InstructorModel"]
+__all__ = ["INSTRUCTOR", "InstructorModel"]

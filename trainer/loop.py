@@ -8,6 +8,7 @@ model, optimizer, scheduler and every process's RNG state.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -29,6 +30,7 @@ from trainer.data import DataError, MediIndex, RowReader
 from trainer.features import TrainingFeaturizer
 from trainer.metrics import StepLog, plot_loss
 from trainer.model import InstructorModel
+from trainer.model_source import local_model_folder
 from trainer.state import load_training_state, save_training_state
 from trainer.step import contrastive_step
 
@@ -57,10 +59,17 @@ def check_launch(env: dict[str, str] | None = None) -> None:
         )
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+def sorted_checkpoints(output_dir: Path) -> list[Path]:
+    """The finished ``checkpoints/checkpoint-N`` folders, oldest first."""
     folder = output_dir / CHECKPOINTS
     found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()] if folder.is_dir() else []
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest finished checkpoint, or None."""
+    found = sorted_checkpoints(output_dir)
+    return found[-1] if found else None
 
 
 def check_output_dir(job: TrainJob) -> Path | None:
@@ -144,9 +153,16 @@ def plan_run(job: TrainJob, accelerator: Accelerator, output_dir: Path) -> tuple
         dropped = plan.dropped_per_epoch()
         print(
             f"{len(index)} rows, {len(index.task_keys)} tasks; global batch {global_batch} ({world} x {job.per_device_train_batch_size}); "
-            f"{plan.steps_per_epoch} steps per epoch, {total} steps; "
+            f"{plan.steps_per_epoch} steps per epoch, {total} steps ({job.warmup_steps_of(total)} of warmup); "
             f"{sum(dropped.values())} rows of {len(dropped)} tasks left out each epoch (incomplete chunks)"
         )
+        gpus = torch.cuda.device_count()
+        if world == 1 and gpus > 1:
+            print(
+                f"note: {gpus} GPUs are visible and one is used. Upstream `python train.py` ran on all of them (DataParallel, "
+                f"a global batch of {gpus} x per_device_train_batch_size); for that here: "
+                f"accelerate launch --multi_gpu --num_processes {gpus} -m trainer ..."
+            )
     return index, plan, total
 
 
@@ -160,10 +176,11 @@ def build_run(job: TrainJob, accelerator: Accelerator, index: MediIndex, plan: B
         model.auto_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=job.learning_rate, weight_decay=job.weight_decay
+        [p for p in model.parameters() if p.requires_grad], lr=job.learning_rate, weight_decay=job.weight_decay,
+        betas=(job.adam_beta1, job.adam_beta2), eps=job.adam_epsilon,
     )
     # The schedule counts global steps: it is not passed to prepare(), which would step it once per process.
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(job.warmup_ratio * total), total)
+    scheduler = get_linear_schedule_with_warmup(optimizer, job.warmup_steps_of(total), total)
     featurizer = TrainingFeaturizer(model.tokenizer, job.max_source_length, job.pad_to_max_length)
     model, optimizer = accelerator.prepare(model, optimizer)
     settings = {
@@ -176,8 +193,11 @@ def build_run(job: TrainJob, accelerator: Accelerator, index: MediIndex, plan: B
     return Run(accelerator, model, optimizer, scheduler, featurizer, index, plan, total, settings)
 
 
-def save_checkpoint(run: Run, output_dir: Path) -> None:
-    """Write checkpoint-N into a temporary folder and rename it, so a kill never leaves a half-written checkpoint."""
+def save_checkpoint(run: Run, output_dir: Path, keep: int | None = None) -> None:
+    """Write checkpoint-N into a temporary folder and rename it, so a kill never leaves a half-written checkpoint.
+
+    With ``keep`` (``--save_total_limit``), only the newest ``keep`` checkpoints are left once the new one is in place.
+    """
     acc = run.accelerator
     final = output_dir / CHECKPOINTS / f"checkpoint-{run.step}"
     partial = final.with_name(final.name + ".partial")
@@ -193,6 +213,9 @@ def save_checkpoint(run: Run, output_dir: Path) -> None:
     if main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
+        if keep is not None:
+            for old in sorted_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old)
     acc.wait_for_everyone()
 
 
@@ -243,7 +266,7 @@ def run_steps(run: Run, job: TrainJob, output_dir: Path) -> None:
             bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{speed:.1f}", lr=f"{lr:.2e}")
         bar.update(1)
         if run.step % job.save_steps == 0 and run.step < run.total:
-            save_checkpoint(run, output_dir)
+            save_checkpoint(run, output_dir, job.save_total_limit)
     bar.close()
     reader.close()
 
@@ -263,6 +286,8 @@ def save_final(run: Run, output_dir: Path) -> None:
 def train(job: TrainJob) -> Path:
     """Run training as ``job`` says (see ``trainer.config``); returns the output folder."""
     check_launch()
+    # A hub name (upstream's sentence-transformers/gtr-t5-large) is used from a cache it was downloaded into, or refused.
+    job = dataclasses.replace(job, model_name_or_path=str(local_model_folder(job.model_name_or_path, job.cache_dir)))
     resume = check_output_dir(job)
     # cpu=True lets Accelerate set up gloo process groups under torchrun when there is no GPU.
     accelerator = Accelerator(mixed_precision=job.mixed_precision, cpu=not torch.cuda.is_available())

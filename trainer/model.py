@@ -37,6 +37,28 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor, instruction_
     return summed / weights.sum(dim=1).clamp(min=1e-9)
 
 
+OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", None)
+
+
+def _all_outputs(
+    feats: dict[str, torch.Tensor], hidden: torch.Tensor, emb: torch.Tensor, row: int, length: int, count: int
+) -> dict[str, torch.Tensor]:
+    """``output_value=None``: 1.0.1's features of one input, cut at its own length (1.0.1 keeps its batch's padding).
+
+    ``attention_mask`` has the instruction's positions zeroed and ``context_masks`` is their count, as 1.0.1's
+    Transformer module leaves them; ``sentence_embedding`` is the model's output, never re-normalized.
+    """
+    mask = feats["attention_mask"][row, :length].clone()
+    mask[:count] = 0
+    return {
+        "input_ids": feats["input_ids"][row, :length],
+        "attention_mask": mask,
+        "context_masks": feats["instruction_count"][row],
+        "token_embeddings": hidden[row, :length],
+        "sentence_embedding": emb[row],
+    }
+
+
 def _load_encoder(folder: Path) -> nn.Module:
     from transformers import AutoModel, T5EncoderModel
     from transformers.utils import logging as hf_logging
@@ -89,6 +111,14 @@ class InstructorModel(nn.Module):
     def max_seq_length(self) -> int:
         return self.tokenizer.max_seq_length
 
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        """``model.max_seq_length = n`` as in InstructorEmbedding: texts are cut at ``n`` tokens from the next call on."""
+        limit = getattr(self.auto_model.config, "max_position_embeddings", None)  # T5: none (relative positions)
+        if limit is not None and isinstance(value, int) and value > limit:
+            raise ValueError(f"max_seq_length={value}: this {self.architecture} encoder has {limit} positions")
+        self.tokenizer = self.tokenizer.with_max_seq_length(value)
+
     @property
     def hidden_size(self) -> int:
         cfg = self.auto_model.config
@@ -135,7 +165,9 @@ class InstructorModel(nn.Module):
         """Pooling, Dense and normalization on the encoder's last hidden state."""
         pooled = masked_mean(hidden, attention_mask, instruction_count)
         if self.dense is not None:
-            pooled = self.dense_activation(self.dense(pooled.to(self.dense.weight.dtype))).to(torch.float32)
+            weight = self.dense.weight  # a method, not a tensor, once torch.quantization.quantize_dynamic has run
+            dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+            pooled = self.dense_activation(self.dense(pooled.to(dtype))).to(torch.float32)
         if self.normalize:
             pooled = F.normalize(pooled, p=2, dim=1)
         return pooled
@@ -149,21 +181,33 @@ class InstructorModel(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
-    @torch.inference_mode()
+    @torch.no_grad()  # as 1.0.1: the tensors it returns are ordinary ones, usable in autograd later
     def encode(
         self,
         sentences: str | Sequence[Any],
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
-        output_value: str = "sentence_embedding",
+        output_value: str | None = "sentence_embedding",
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
         device: str | None = None,
         normalize_embeddings: bool = False,
-    ) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
-        """``INSTRUCTOR.encode``: strings, ``[instruction, text]`` and ``[instruction, text, k]`` in any mix; input order kept."""
-        if output_value not in ("sentence_embedding", "token_embeddings"):
-            raise ValueError(f"output_value must be 'sentence_embedding' or 'token_embeddings', got {output_value!r}")
+    ) -> Any:
+        """``INSTRUCTOR.encode`` of InstructorEmbedding 1.0.1, argument for argument; input order kept.
+
+        Inputs: strings, ``[instruction, text]`` and ``[instruction, text, k]`` in any mix. ``output_value``:
+        ``'sentence_embedding'``; ``'token_embeddings'`` (per input, the encoder's states of every token up to its
+        last pooled one, instruction included, as 1.0.1 slices them); ``None`` (per input a dict, see
+        ``_all_outputs``). Sentence embeddings come as numpy ``[n, dim]``, one stacked tensor
+        (``convert_to_tensor``) or a list of tensors (``convert_to_numpy=False``); the other outputs always as a
+        list of tensors, on the model's device like 1.0.1's. ``device`` moves the model there (and it stays).
+        ``normalize_embeddings`` L2-normalizes sentence embeddings (they already are when the checkpoint lists a
+        Normalize module).
+        """
+        if output_value not in OUTPUT_VALUES:
+            raise ValueError(f"output_value must be one of {', '.join(map(repr, OUTPUT_VALUES))}, got {output_value!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         single = isinstance(sentences, str)
         items = [sentences] if single else list(sentences)
         if device is not None:
@@ -171,29 +215,29 @@ class InstructorModel(nn.Module):
         self.eval()
         encoded = self.tokenizer.encode(items)
         order = np.argsort(-encoded.lengths, kind="stable")
-        results: list[torch.Tensor | None] = [None] * len(items)
+        results: list[Any] = [None] * len(items)
         starts = range(0, len(items), batch_size)
         for start in tqdm(starts, desc="Batches", disable=not show_progress_bar):
             rows = order[start : start + batch_size]
             feats = {k: torch.from_numpy(v).to(self._device) for k, v in self.tokenizer.pad(encoded.take(rows)).items()}
-            if output_value == "token_embeddings":
-                hidden = self.auto_model(input_ids=feats["input_ids"], attention_mask=feats["attention_mask"])
-                for j, i in enumerate(rows):
-                    results[i] = hidden.last_hidden_state[j, : len(encoded.ids[i])].float().cpu()
-                continue
-            emb = self(**feats)
-            if normalize_embeddings:
+            hidden = self.auto_model(input_ids=feats["input_ids"], attention_mask=feats["attention_mask"]).last_hidden_state
+            emb = self.head(hidden, feats["attention_mask"], feats["instruction_count"])
+            if normalize_embeddings and output_value == "sentence_embedding":
                 emb = F.normalize(emb, p=2, dim=1)
-            for j, i in enumerate(rows):
-                results[i] = emb[j].cpu()
-        if output_value == "token_embeddings":
+            for j, i in enumerate(rows.tolist()):
+                length, count = len(encoded.ids[i]), int(encoded.instruction_count[i])
+                if output_value == "sentence_embedding":
+                    results[i] = emb[j] if convert_to_tensor or not convert_to_numpy else emb[j].cpu()
+                elif output_value == "token_embeddings":
+                    results[i] = hidden[j, : length if count < length else 1]  # 1.0.1: up to the last unmasked token
+                else:
+                    results[i] = _all_outputs(feats, hidden, emb, j, length, count)
+        if output_value != "sentence_embedding" or not (convert_to_tensor or convert_to_numpy):
             return results[0] if single else results
         if convert_to_tensor:
             out: Any = torch.stack(results) if results else torch.empty(0, self.embedding_dim)
-        elif convert_to_numpy:
-            out = np.stack([r.numpy() for r in results]) if results else np.zeros((0, self.embedding_dim), np.float32)
         else:
-            out = results
+            out = np.stack([r.numpy() for r in results]) if results else np.zeros((0, self.embedding_dim), np.float32)
         return out[0] if single else out
 
     def save(self, folder: str | Path, safe_serialization: bool = True) -> None:

@@ -16,6 +16,10 @@ by the task's type and the files found under the data folder, in the first of th
 
 Two derived clustering sets (``Banking77Clustering.derived``, ``EmotionClustering.derived``: the classification
 test sets clustered by label, from ``clustering/*.jsonl``) are defined here; they are not MTEB tasks.
+
+``offline_task(..., upstream_setup=True)`` restricts a task to what upstream's ``evaluate_model.py`` ran
+(``MTEB(task_langs=["en"])``, ``--split test``): the English subset of a multilingual task (``en``, or ``en-en``
+for STS17) and the test split where the task has one.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ SPLIT_NAMES = {"validation": ("validation", "val", "dev")}
 TABLE_SUFFIXES = {"Classification": (".jsonl", ".csv", ".txt")}
 TYPE_SUFFIXES = ("PairClassification", "Classification", "Clustering", "Retrieval", "Reranking", "Summarization", "STS")
 LABEL_ORDER_FILES = ("categories.json", "labels.json")
+UPSTREAM_SUBSETS = ("en", "en-en")  # what MTEB(task_langs=["en"]) kept of a multilingual task
+UPSTREAM_SPLIT = "test"  # evaluate_model.py's --split default
 
 
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
@@ -379,14 +385,24 @@ def _registered(name: str) -> type[AbsTask]:
         raise DataError(f"task {name!r} is not registered in mteb {mteb.__version__} (nor one of {', '.join(DERIVED)})") from exc
 
 
-def offline_task(name: str, data_dir: str | Path) -> AbsTask:
+def restrict_to_upstream(task: AbsTask) -> AbsTask:
+    """Keep what upstream's evaluate_model.py evaluated: the English subsets and the test split (see the module doc)."""
+    if task.metadata.is_multilingual:
+        task.hf_subsets = [s for s in task.hf_subsets if s in UPSTREAM_SUBSETS]
+    if UPSTREAM_SPLIT in task.eval_splits:
+        task.filter_eval_splits([UPSTREAM_SPLIT])
+    return task
+
+
+def offline_task(name: str, data_dir: str | Path, upstream_setup: bool = False) -> AbsTask:
     """mteb's task ``name`` (or a derived clustering set) whose data comes from ``data_dir``, never the hub.
 
-    The files are located now, so that a missing file is reported before any model runs.
+    The files are located now, so that a missing file is reported before any model runs. ``upstream_setup``:
+    only the subsets and split upstream evaluated (``restrict_to_upstream``).
     """
     data_dir = Path(data_dir)
     base = _registered(name)
-    probe = base()
+    probe = restrict_to_upstream(base()) if upstream_setup else base()
     if name in DERIVED:
         path = need_file(data_dir / "clustering" / DERIVED[name].file_name)
         folder, found = path.parent, {"default": {"test": path}}
@@ -412,7 +428,7 @@ def offline_task(name: str, data_dir: str | Path) -> AbsTask:
         self.data_loaded = True
 
     cls = type(f"Offline{base.__name__}", (base,), {"load_data": load_data, "__module__": __name__})
-    task = cls()
+    task = restrict_to_upstream(cls()) if upstream_setup else cls()
     if probe.metadata.is_multilingual:
         task.hf_subsets = [s for s in task.hf_subsets if s in found]
     return task
