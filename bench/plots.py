@@ -94,7 +94,8 @@ def serve_chart(report: dict[str, Any], path: Path) -> None:
     styles = {"runtime": "-", "naive": "--"}
     for si, (name, server) in enumerate(report["servers"].items()):
         for mi, m in enumerate(sorted({c["items_per_request"] for c in server["cells"]})):
-            cells = sorted((c for c in server["cells"] if c["items_per_request"] == m), key=lambda c: c["clients"])
+            cells = sorted((c for c in server["cells"] if c["items_per_request"] == m and c["p50_ms"] is not None),
+                           key=lambda c: c["clients"])
             xs, ys = [c["docs_per_s"] for c in cells], [c["p50_ms"] for c in cells]
             ax.plot(xs, ys, styles.get(name, ":"), marker="o", color=f"C{2 * si + mi}", label=f"{name}, {m} item(s)/request")
             for x, y, c in zip(xs, ys, cells):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -14,10 +15,14 @@ from bench.serve import main  # noqa: E402
 from tests.serve_support import free_port  # noqa: E402
 
 
-def test_bench_serve_smoke(tmp_path, tiny_engine):
+@pytest.mark.parametrize("generator", ["python", "wrk", "hey"])
+def test_bench_serve_smoke(tmp_path, tiny_engine, generator):
+    if generator != "python" and shutil.which(generator) is None:
+        pytest.skip(f"{generator} is not installed (apt-get install {generator})")
     out = tmp_path / "serve.json"
-    rc = main(["--engine", str(tiny_engine), "--docs", "20", "--clients", "1", "--items", "1", "3", "--seconds", "0.5",
-               "--warmup", "0.2", "--offline-repeats", "1", "--direct-calls", "5", "--port", str(free_port()), "--out", str(out)])
+    rc = main(["--engine", str(tiny_engine), "--docs", "20", "--clients", "1", "--items", "1", "3", "--seconds", "1",
+               "--warmup", "0.2", "--offline-repeats", "1", "--direct-calls", "5", "--port", str(free_port()), "--out", str(out),
+               "--load-generator", generator])
     assert rc == 0 and out.with_suffix(".png").stat().st_size > 0
     text = out.read_text()
     report = json.loads(text)
@@ -27,8 +32,9 @@ def test_bench_serve_smoke(tmp_path, tiny_engine):
         server = report["servers"][name]
         assert [(c["clients"], c["items_per_request"]) for c in server["cells"]] == [(1, 1), (1, 3)]
         for cell in server["cells"]:
-            assert cell["status_5xx"] == 0 and cell["transport_errors"] == 0 and cell["answered"] == cell["sent"] > 0
-            assert cell["measured_requests"] > 0 and cell["p50_ms"] > 0
+            assert cell["status_5xx"] == 0 and cell["connection_errors"] == 0 and cell["answered"] == cell["sent"] > 0
+            assert cell["measured_requests"] > 0 and cell["p50_ms"] > 0 and cell["load_generator"] == generator
+            assert cell["docs_per_s"] == pytest.approx(cell["requests_per_s"] * cell["items_per_request"])
         assert server["peak_rss_bytes"] > 0
     assert report["servers"]["runtime"]["exit_code"] == 0
     assert report["servers"]["runtime"]["command"].startswith("python -m runtime.serve --engine tiny.onnx")
@@ -37,3 +43,19 @@ def test_bench_serve_smoke(tmp_path, tiny_engine):
     assert paired["calls"] == 5 and paired["server_p50_ms"] > 0 and paired["direct_p50_ms"] > 0
     assert report["targets"]["n1_m1_added_p50_ms"]["value"] == paired["added_p50_ms"]
     assert set(report["targets"]) == {"n1_m1_added_p50_ms"}  # no N=16 cell in this run
+
+
+def test_before_and_after_in_one_run(tmp_path, tiny_engine):
+    """--before-src runs another checkout's server under the same cells (here this checkout, as its own 'before')."""
+    from tests.serve_support import ROOT
+
+    out = tmp_path / "serve.json"
+    rc = main(["--engine", str(tiny_engine), "--docs", "10", "--clients", "2", "--items", "1", "--seconds", "0.5", "--warmup", "0",
+               "--offline-repeats", "1", "--direct-calls", "2", "--port", str(free_port()), "--out", str(out), "--no-naive",
+               "--load-generator", "python", "--before-src", str(ROOT)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert set(report["servers"]) == {"runtime", "before"}
+    before = report["servers"]["before"]
+    assert before["exit_code"] == 0 and before["cells"][0]["status_2xx"] > 0 and "server_mean_batch_rows" in before["cells"][0]
+    assert report["settings"]["before_src"] == "BEFORE_SRC"

@@ -191,7 +191,7 @@ def test_api_key(tiny_engine):
 def test_429_with_retry_after_when_queue_is_full(tiny_engine, encoder):
     """A request runs (held at the engine), a second is queued, a third passes --max-queue-tokens: 429."""
     gated = GatedEncoder(Encoder(tiny_engine))
-    app = create_app(ServeConfig(engine=tiny_engine, max_queue_tokens=4, max_wait_ms=0), opener=lambda: gated)
+    app = create_app(ServeConfig(engine=tiny_engine, max_queue_tokens=4, max_wait_ms=0), opener=lambda: [gated])
     with live_server(app) as url:
         gated.entered.clear()
         gated.gate.clear()
@@ -212,6 +212,8 @@ def test_429_with_retry_after_when_queue_is_full(tiny_engine, encoder):
         third = httpx.post(f"{url}/v1/embeddings", json={"input": ["refused"]})
         assert third.status_code == 429
         assert int(third.headers["retry-after"]) >= 1 and third.json()["error"]["code"] == "queue_full"
+        unparsed = httpx.post(f"{url}/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
+        assert unparsed.status_code == 429  # refused before its body is parsed or tokenized: refusals stay cheap
         gated.gate.set()
         first.join(30)
         second.join(30)
@@ -248,7 +250,7 @@ with TestClient(create_app(ServeConfig(engine={str(tiny_engine)!r}))) as client:
 
 def test_engine_failure_is_a_500_for_that_request_only(tiny_engine):
     broken = GatedEncoder(Encoder(tiny_engine))
-    with live_server(create_app(ServeConfig(engine=tiny_engine), opener=lambda: broken)) as url:
+    with live_server(create_app(ServeConfig(engine=tiny_engine), opener=lambda: [broken])) as url:
         broken.fail_next = "engine exploded"
         r = httpx.post(f"{url}/v1/embeddings", json={"input": ["x"]})
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error" and "engine exploded" in r.json()["error"]["message"]

@@ -30,7 +30,7 @@ def gated(encoder):
 
 
 def make(enc, **kw) -> Batcher:
-    b = Batcher(enc, Metrics(), **kw)
+    b = Batcher(enc if isinstance(enc, list) else [enc], Metrics(), **kw)
     b.start()
     return b
 
@@ -46,7 +46,7 @@ def test_vectors_equal_golden_under_concurrency(encoder, golden_inputs, golden_v
 
     def one(idx):
         enc = encoder.tokenizer.encode([golden_inputs[i] for i in idx])
-        return idx, b.submit(enc).result(timeout=60)
+        return idx, b.submit(enc).future.result(timeout=60)
 
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -65,9 +65,9 @@ def test_small_request_is_not_starved_by_a_large_one(gated, encoder):
     assert gated.entered.wait(10)
     small = b.submit(encoder.tokenizer.encode(["a short query"]))
     gated.gate.set()
-    small.result(timeout=30)
-    assert not big.done(), "the small request waited for the whole large one"
-    big_vectors = big.result(timeout=60)
+    small.future.result(timeout=30)
+    assert not big.future.done(), "the small request waited for the whole large one"
+    big_vectors = big.future.result(timeout=60)
     b.close()
     assert gated.pools[0] == 32 and gated.pools[1] == 32  # the second pool held 31 big rows and the small one
     assert len(gated.pools) == 32  # 1001 rows in pools of 32
@@ -78,10 +78,10 @@ def test_lone_request_waits_at_most_max_wait(encoder):
     """With another request announced but never arriving, a queued one still runs once max_wait_ms has passed."""
     b = make(encoder, max_wait_ms=150)
     enc = encoder.tokenizer.encode(["alone"])
-    b.submit(enc).result(timeout=10)  # no one else announced: runs at once
+    b.submit(enc).future.result(timeout=10)  # no one else announced: runs at once
     with b.arriving():
         t0 = time.monotonic()
-        b.submit(enc).result(timeout=10)
+        b.submit(enc).future.result(timeout=10)
         waited = time.monotonic() - t0
     b.close()
     assert waited >= 0.14  # it waited for the announced request ...
@@ -89,7 +89,7 @@ def test_lone_request_waits_at_most_max_wait(encoder):
     b2 = make(encoder, max_wait_ms=3000)
     with b2.arriving() as arrival:  # the announced request is this one: once submitted, nothing else is coming
         t0 = time.monotonic()
-        b2.submit(enc, arrival).result(timeout=10)
+        b2.submit(enc, arrival).future.result(timeout=10)
         counted_out = time.monotonic() - t0
     b2.close()
     assert counted_out < 2.5  # submitting with its Arrival ends the wait for it (else 3 s)
@@ -111,8 +111,8 @@ def test_queue_full_then_drain_on_close(gated, encoder):
         b.submit(encoder.tokenizer.encode(["too late"]))
     gated.gate.set()
     closer.join(30)
-    assert first.result(timeout=1).shape == (1, 32)  # ... answers both
-    assert second.result(timeout=1).shape == (1, 32)
+    assert first.future.result(timeout=1).shape == (1, 32)  # ... answers both
+    assert second.future.result(timeout=1).shape == (1, 32)
     assert not b.alive
 
 
@@ -121,7 +121,46 @@ def test_engine_failure_fails_its_requests_only(gated, encoder):
     gated.fail_next = "engine exploded"
     bad = b.submit(encoder.tokenizer.encode(["first"]))
     with pytest.raises(RuntimeError, match="engine exploded"):
-        bad.result(timeout=10)
-    good = b.submit(encoder.tokenizer.encode(["second"])).result(timeout=10)
+        bad.future.result(timeout=10)
+    good = b.submit(encoder.tokenizer.encode(["second"])).future.result(timeout=10)
     b.close()
     np.testing.assert_allclose(good, encoder.encode(["second"]), atol=1e-5)
+
+
+def test_cancelled_job_is_not_computed(gated, encoder):
+    """A job cancelled while it waits (its client went away) never reaches the engine; the others are answered."""
+    metrics = Metrics()
+    b = Batcher([gated], metrics, max_batch_size=4, max_wait_ms=0)
+    b.start()
+    gated.gate.clear()
+    running = b.submit(encoder.tokenizer.encode(["running now"]))
+    assert gated.entered.wait(10)
+    gone = b.submit(encoder.tokenizer.encode([f"abandoned {i}" for i in range(10)]))
+    kept = b.submit(encoder.tokenizer.encode(["still wanted"]))
+    b.cancel(gone)
+    b.cancel(gone)  # twice is harmless
+    gated.gate.set()
+    np.testing.assert_allclose(kept.future.result(timeout=10), encoder.encode(["still wanted"]), atol=1e-5)
+    running.future.result(timeout=10)
+    b.close()
+    assert not gone.future.done()
+    assert gated.pools == [1, 1]  # the running job, then the kept one: none of the 10 abandoned rows
+    assert metrics.cancelled_items._value.get() == 10
+
+
+def test_several_engines_behind_one_batcher(encoder, tiny_engine, golden_inputs, golden_vectors):
+    """Two engines (--replicas 2) share the queue: both run pools, and every row is still the reference's vector."""
+    other = Encoder(tiny_engine, intra_op_threads=1)
+    first, second = GatedEncoder(encoder), GatedEncoder(other)
+    b = make([first, second], max_batch_size=4, max_wait_ms=0)
+    first.gate.clear()  # the first engine holds its pool, so the second must take the next ones
+    held = b.submit(encoder.tokenizer.encode(golden_inputs[:4]))
+    assert first.entered.wait(10)
+    rest = [b.submit(encoder.tokenizer.encode(golden_inputs[i : i + 4])) for i in range(4, 16, 4)]
+    done = [job.future.result(timeout=30) for job in rest]
+    first.gate.set()
+    np.testing.assert_allclose(held.future.result(timeout=30), golden_vectors[:4], atol=1e-5)
+    b.close()
+    other.close()
+    np.testing.assert_allclose(np.concatenate(done), golden_vectors[4:16], atol=1e-5)
+    assert first.pools == [4] and second.pools == [4, 4, 4]

@@ -2,7 +2,8 @@
 
 Endpoints: POST /v1/embeddings (OpenAI), POST /embed (text-embeddings-inference), GET /health, GET /info,
 GET /metrics (Prometheus), GET /v1/models. Items are strings, [instruction, text] or [instruction, text, k], as
-INSTRUCTOR.encode takes them; one inference thread batches the items of all waiting requests together.
+INSTRUCTOR.encode takes them; engine threads (one per engine: --replicas, or one per device of --device
+cuda:0,cuda:1) batch the items of all waiting requests together.
 
 Exit codes: 0 after a clean shutdown (SIGTERM or SIGINT: stop accepting, answer every accepted request, exit),
 2 for bad arguments or an engine that cannot be opened.
@@ -57,8 +58,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--payload-limit", type=int, default=d.payload_limit, help=f"request body bytes; past it 413. Default: {d.payload_limit}")
     p.add_argument("--tokenization-workers", type=int, default=d.tokenization_workers,
                    help=f"threads that parse and tokenize requests off the event loop. Default: {d.tokenization_workers}")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core). Default: 0")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N. Default: the engine's natural device")
+    p.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads per engine (0: one per core, shared out among several CPU engines). Default: 0")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N, or a comma-separated list (cuda:0,cuda:1): one engine on each device, all behind "
+                   "the one batcher. Default: the engine's natural device")
+    p.add_argument("--replicas", type=int, default=d.replicas,
+                   help="engines per device, each run by its own thread, all fed by the one queue (on a CPU they share "
+                   f"the cores out). Default: {d.replicas}")
+    p.add_argument("--head-timeout", type=float, default=d.head_timeout,
+                   help="seconds for a request's line and headers to arrive (from the connection's opening, or the "
+                   f"request's first byte); then 408 and the connection is closed. Stops slowloris. Default: {d.head_timeout:g}")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help=f"seconds for a request's body to arrive after its headers; then 408 and close. Default: {d.body_timeout:g}")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open connections; past it a new one is closed at once and the connected clients go on being "
+                   f"served (the open-file limit is raised to fit, or this lowered). Default: {d.max_connections}")
     p.add_argument("--graceful-timeout", type=float, default=None,
                    help="seconds to wait for accepted requests at shutdown before cancelling them. Default: wait until all are answered")
     p.add_argument("--keep-alive-timeout", type=float, default=75.0,
@@ -87,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uvicorn = require("uvicorn", "serve", "python -m runtime.serve")
         require("starlette", "serve", "python -m runtime.serve")
-        from runtime.serve.app import create_app, open_encoder
+        require("httptools", "serve", "python -m runtime.serve")
+        from runtime.serve.app import create_app, open_encoders
+        from runtime.serve.connections import connection_settings, guarded_protocol
 
         instructions = load_instructions(args.instructions) if args.instructions else {}
         config = ServeConfig(
@@ -96,26 +113,30 @@ def main(argv: list[str] | None = None) -> int:
             max_padding=args.max_padding, max_queue_tokens=args.max_queue_tokens,
             max_concurrent_requests=args.max_concurrent_requests, max_request_items=args.max_request_items,
             payload_limit=args.payload_limit, tokenization_workers=args.tokenization_workers, threads=args.threads,
-            device=args.device, long_text=args.long_text, chunk_overlap=args.chunk_overlap,
+            device=args.device, replicas=args.replicas, head_timeout=args.head_timeout, body_timeout=args.body_timeout,
+            max_connections=args.max_connections, long_text=args.long_text, chunk_overlap=args.chunk_overlap,
             chunk_pooling=args.chunk_pooling, int8_ranges=args.int8_ranges,
         )
         signal.signal(signal.SIGTERM, _stop_now)
         signal.signal(signal.SIGINT, _stop_now)
-        encoder = open_encoder(config)  # before listening: a bad engine is a clear error, not a failed start-up
+        encoders = open_encoders(config)  # before listening: a bad engine is a clear error, not a failed start-up
+        encoder = encoders[0]
         if config.int8_ranges is not None:
             load_ranges(config.int8_ranges, encoder.embedding_dim)  # likewise a bad ranges file
     except (MissingDependency, EngineError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    fast = {"loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-            "http": "httptools" if importlib.util.find_spec("httptools") else "h11"}
+    app = create_app(config, lambda: encoders)
+    limits = connection_settings(config.max_connections)
+    closed = app.state.service.metrics.connections_closed
+    protocol = guarded_protocol(config.head_timeout, limits["max_connections"], lambda reason: closed.labels(reason).inc())
     server = uvicorn.Server(uvicorn.Config(
-        create_app(config, lambda: encoder), host=args.host, port=args.port, log_level=args.log_level,
-        access_log=args.access_log, timeout_graceful_shutdown=args.graceful_timeout, timeout_keep_alive=args.keep_alive_timeout,
-        lifespan="on", **fast,
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
+        timeout_graceful_shutdown=args.graceful_timeout, timeout_keep_alive=args.keep_alive_timeout, lifespan="on",
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio", http=protocol, backlog=4096,
     ))
-    log.info("serving %s (%s, dim %d, %s) on http://%s:%d", config.served_name, encoder.manifest.precision,
-             encoder.embedding_dim, encoder.backend.name, args.host, args.port)
+    log.info("serving %s (%s, dim %d, %d x %s) on http://%s:%d", config.served_name, encoder.manifest.precision,
+             encoder.embedding_dim, len(encoders), encoder.backend.name, args.host, args.port)
     server.run()
     return 0 if server.started else 1
 

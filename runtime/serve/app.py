@@ -1,8 +1,9 @@
-"""The Starlette application: routes, the life of the engine and its batcher, and what each request goes through.
+"""The Starlette application: routes, the life of the engines and their batcher, and what each request goes through.
 
-A request to an embedding endpoint: a slot among ``max_concurrent_requests`` (else 429), the body read up to
-``payload_limit`` (else 413), then JSON parsing, validation and tokenization in a small thread pool (never on the
-event loop), then the shared batcher (429 with ``Retry-After`` when too many tokens wait), then the response.
+A request to an embedding endpoint: the body read up to ``payload_limit`` bytes (else 413) within ``body_timeout``
+seconds (else 408), a slot among ``max_concurrent_requests`` (else 429), then JSON parsing, validation and
+tokenization in a small thread pool (never on the event loop), then the shared batcher (429 with ``Retry-After``
+when too many tokens wait), then the response. A client that disconnects while its rows wait has them dropped.
 ``GET /health`` is 200 only between the warm-up batch at start and the start of shutdown.
 """
 
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata as md
+import os
 import platform
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import numpy as np
 import orjson
@@ -24,7 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from runtime.encoder import Encoder
-from runtime.serve.batcher import Arrival, Batcher, QueueFull, ShuttingDown
+from runtime.serve.batcher import Arrival, Batcher, Job, QueueFull, ShuttingDown
 from runtime.serve.config import ServeConfig
 from runtime.serve.errors import EXCEPTION_HANDLERS, ApiError, error_response
 from runtime.serve.metrics import Metrics
@@ -40,21 +42,35 @@ OFF_LOOP_VALUES = 65536  # responses with more values than this are serialized i
 OPEN_PATHS = frozenset({"/health"})  # no API key needed: load balancers and orchestrators probe it
 
 
-def open_encoder(config: ServeConfig) -> Encoder:
-    """The engine as ``config`` says; ONNX-only options are passed only when set, so any engine kind opens."""
-    options: dict[str, Any] = {"intra_op_threads": config.threads} if config.threads else {}
-    return Encoder(config.engine, device=config.device, max_tokens=config.max_batch_tokens, max_padding=config.max_padding,
-                   long_text=config.long_text, chunk_overlap=config.chunk_overlap, chunk_pooling=config.chunk_pooling, **options)
+def open_encoders(config: ServeConfig) -> list[Encoder]:
+    """One engine per entry of ``config.devices``. Several engines on the CPU share its cores out (``--threads``
+    each, else cores / CPU engines); ONNX-only options are passed only when set, so any engine kind opens."""
+    devices = config.devices
+    on_cpu = sum(d in (None, "cpu") for d in devices)
+    threads = config.threads or (max(1, (os.cpu_count() or 1) // on_cpu) if on_cpu > 1 else 0)
+    encoders: list[Encoder] = []
+    try:
+        for device in devices:
+            options: dict[str, Any] = {"intra_op_threads": threads} if threads and device in (None, "cpu") else {}
+            encoders.append(Encoder(config.engine, device=device, max_tokens=config.max_batch_tokens, max_padding=config.max_padding,
+                                    long_text=config.long_text, chunk_overlap=config.chunk_overlap,
+                                    chunk_pooling=config.chunk_pooling, **options))
+    except BaseException:
+        for encoder in encoders:
+            encoder.close()
+        raise
+    return encoders
 
 
 class Service:
-    """The engine, its batcher, the tokenizer threads and the metrics of one running server."""
+    """The engines, their batcher, the tokenizer threads and the metrics of one running server."""
 
-    def __init__(self, config: ServeConfig, opener: Callable[[], Encoder]) -> None:
+    def __init__(self, config: ServeConfig, opener: Callable[[], Sequence[Encoder]]) -> None:
         self.config = config
         self.opener = opener
         self.metrics = Metrics()
-        self.encoder: Encoder | None = None
+        self.encoders: list[Encoder] = []
+        self.encoder: Encoder | None = None  # the first engine: tokenizer, manifest and dimension for every request
         self.batcher: Batcher | None = None
         self.pool = ThreadPoolExecutor(config.tokenization_workers, thread_name_prefix="serve-tokenizer")
         self.state = "loading"  # -> "ready" -> "draining" -> "stopped"
@@ -65,14 +81,18 @@ class Service:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.encoder = await loop.run_in_executor(self.pool, self.opener)
+        self.encoders = list(await loop.run_in_executor(self.pool, self.opener))
+        self.encoder = self.encoders[0]
         c = self.config
         if c.int8_ranges is not None:
             self.ranges = load_ranges(c.int8_ranges, self.encoder.embedding_dim)
-        self.batcher = Batcher(self.encoder, self.metrics, c.max_batch_size, self.encoder.max_tokens, c.max_wait_ms, c.max_queue_tokens)
-        self.batcher.start()
+        self.batcher = Batcher(self.encoders, self.metrics, c.max_batch_size, self.encoder.max_tokens, c.max_wait_ms,
+                               c.max_queue_tokens)
         warm = await loop.run_in_executor(self.pool, self._tokenize, WARM_UP_INPUT)
-        await asyncio.wrap_future(self.batcher.submit(warm))
+        for encoder in self.encoders[1:]:  # the first one is warmed through the batcher
+            await loop.run_in_executor(self.pool, encoder.encode_tokenized, warm)
+        self.batcher.start()
+        await asyncio.wrap_future(self.batcher.submit(warm).future)
         self.state = "ready"
 
     async def stop(self) -> None:
@@ -80,8 +100,8 @@ class Service:
         self.state = "draining"
         if self.batcher is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
-        if self.encoder is not None:
-            self.encoder.close()
+        for encoder in self.encoders:
+            encoder.close()
         self.pool.shutdown(wait=False)
         self.state = "stopped"
 
@@ -122,6 +142,7 @@ class Service:
             "embedding_types": [t for t in EMBEDDING_TYPES if self.ranges is not None or t not in NEEDS_RANGES],
             "backend": self.encoder.backend.name,
             "device": self.encoder.device,
+            "engines": [{"backend": e.backend.name, "device": e.device} for e in self.encoders],
             "instruction_rules": manifest.data.get("instruction_rules"),
             "instructions": sorted(self.config.instructions),
             "limits": self.config.limits(),
@@ -147,23 +168,48 @@ class Service:
     async def _embed(self, request: Request, parser: Parser) -> tuple[EmbedRequest, Encoded, np.ndarray]:
         if self.batcher is None or self.state != "ready":
             raise ApiError(503, "the server is not ready (loading or shutting down)", "unavailable")
-        if self.in_flight >= self.config.max_concurrent_requests:
-            raise ApiError(429, f"{self.in_flight} requests in progress (limit {self.config.max_concurrent_requests}, "
-                           "--max-concurrent-requests); retry later", "too_many_requests", headers={"Retry-After": "1"})
-        self.in_flight += 1
-        self.metrics.in_progress.set(self.in_flight)
-        try:
-            with self.batcher.arriving() as arrival:
-                body = await _read_body(request, self.config.payload_limit)
-                loop = asyncio.get_running_loop()
-                req, encoded, future = await loop.run_in_executor(self.pool, self._prepare, body, parser, arrival)
-            vectors = await asyncio.wrap_future(future)
-            return req, encoded, vectors
-        finally:
-            self.in_flight -= 1
+        with self.batcher.arriving() as arrival:
+            body = await _read_body(request, self.config.payload_limit, self.config.body_timeout)
+            if self.in_flight >= self.config.max_concurrent_requests:
+                raise ApiError(429, f"{self.in_flight} requests in progress (limit {self.config.max_concurrent_requests}, "
+                               "--max-concurrent-requests); retry later", "too_many_requests", headers={"Retry-After": "1"})
+            try:
+                self.batcher.check_room()
+            except QueueFull as exc:
+                raise _queue_full(exc) from exc
+            self.in_flight += 1
             self.metrics.in_progress.set(self.in_flight)
+            try:
+                loop = asyncio.get_running_loop()
+                req, encoded, job = await loop.run_in_executor(self.pool, self._prepare, body, parser, arrival)
+            except BaseException:
+                self._leave()
+                raise
+        try:
+            return req, encoded, await self._vectors(request, job)
+        finally:
+            self._leave()
 
-    def _prepare(self, body: bytes, parser: Parser, arrival: Arrival) -> tuple[EmbedRequest, Encoded, Future]:
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_progress.set(self.in_flight)
+
+    async def _vectors(self, request: Request, job: Job) -> np.ndarray:
+        """The job's vectors; if the client disconnects first, its queued rows are dropped (no one reads the answer)."""
+        assert self.batcher is not None
+        result = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(_disconnect(request))
+        try:
+            await asyncio.wait((result, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not result.done():
+            self.batcher.cancel(job)
+            result.cancel()
+            raise ApiError(499, "the client closed the connection before its answer was ready", "client_closed_request")
+        return result.result()
+
+    def _prepare(self, body: bytes, parser: Parser, arrival: Arrival) -> tuple[EmbedRequest, Encoded, Job]:
         """In a tokenizer thread: JSON, validation, tokenization, and the hand-over to the batcher (from this thread,
         so the inference thread hears of the rows without a detour through the event loop)."""
         assert self.encoder is not None and self.batcher is not None
@@ -182,8 +228,7 @@ class Service:
         try:
             return req, encoded, self.batcher.submit(encoded, arrival)
         except QueueFull as exc:
-            raise ApiError(429, f"server overloaded: {exc}; retry after {exc.retry_after} s", "queue_full",
-                           headers={"Retry-After": str(exc.retry_after)}) from exc
+            raise _queue_full(exc) from exc
         except ShuttingDown as exc:
             raise ApiError(503, str(exc), "unavailable") from exc
 
@@ -198,22 +243,42 @@ class Service:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+def _queue_full(exc: QueueFull) -> ApiError:
+    return ApiError(429, f"server overloaded: {exc}; retry after {exc.retry_after} s", "queue_full",
+                    headers={"Retry-After": str(exc.retry_after)})
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed), and with 408 (closing
+    the connection) if it has not all arrived ``timeout`` seconds after the headers."""
     declared = request.headers.get("content-length", "")
     too_big = ApiError(413, f"request body over the payload limit of {limit} bytes (--payload-limit)", "payload_too_large")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
-    chunks, size = [], 0
-    try:
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise too_big
             chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
     except ClientDisconnect as exc:  # counted as nginx's 499, not as a server error; no one reads the answer
         raise ApiError(499, "the client closed the connection before sending the whole body", "client_closed_request") from exc
+    except asyncio.TimeoutError as exc:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--body-timeout)", "request_timeout",
+                       headers={"Connection": "close"}) from exc
     return b"".join(chunks)
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has disconnected (the ASGI ``http.disconnect`` message, once the body is read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _versions() -> dict[str, str]:
@@ -226,9 +291,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def create_app(config: ServeConfig, opener: Callable[[], Encoder] | None = None) -> Starlette:
-    """The ASGI app; ``opener`` returns the engine (default: ``open_encoder(config)``), called at startup."""
-    service = Service(config, opener or (lambda: open_encoder(config)))
+def create_app(config: ServeConfig, opener: Callable[[], Sequence[Encoder]] | None = None) -> Starlette:
+    """The ASGI app; ``opener`` returns the engines (default: ``open_encoders(config)``), called at startup."""
+    service = Service(config, opener or (lambda: open_encoders(config)))
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

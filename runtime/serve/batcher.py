@@ -1,9 +1,10 @@
-"""Dynamic batching: one inference thread runs the items of every waiting request through the engine together.
+"""Dynamic batching: engine threads run the items of every waiting request through the engines together.
 
-A request's items, already tokenized, enter one shared queue as a *job*. The inference thread repeatedly takes a
-*pool* of rows from the waiting jobs and hands it to ``Encoder.encode_tokenized``, which cuts it into length-sorted,
-padded batches with the runtime's token-budget planner (``runtime.batching``); each row's vector goes back to its
-request, in the request's order, and a request is answered when its last row is done.
+A request's items, already tokenized, enter one shared queue as a *job*. Each engine thread (one per engine:
+``--replicas`` on a CPU, one per listed GPU) repeatedly takes a *pool* of rows from the waiting jobs and hands it to
+``Encoder.encode_tokenized``, which cuts it into length-sorted, padded batches with the runtime's token-budget
+planner (``runtime.batching``); each row's vector goes back to its request, in the request's order, and a request
+is answered when its last row is done.
 
 - Pool: at most ``max_batch_size`` rows and ``max_batch_tokens`` real tokens (one row always fits). Jobs are taken
   first come, first served, but in a first pass each job gives at most half a pool; the rest of the pool is then
@@ -16,7 +17,8 @@ request, in the request's order, and a request is answered when its last row is 
 - Backpressure: ``submit`` refuses a job (``QueueFull``, with a retry delay from the measured token rate) when the
   tokens waiting would pass ``max_queue_tokens``; a job that arrives at an empty queue is always taken, so a large
   request is slow rather than refused forever.
-- Shutdown: ``close`` refuses new jobs, runs every job already taken, then stops the thread.
+- Cancellation: ``cancel`` drops the rows of a job whose client has gone, so abandoned work is not computed.
+- Shutdown: ``close`` refuses new jobs, runs every job already taken, then stops the threads.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections import deque
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -46,11 +48,13 @@ class QueueFull(Exception):
 
 
 class ShuttingDown(Exception):
-    """The batcher no longer takes jobs (shutting down, or its inference thread has stopped)."""
+    """The batcher no longer takes jobs (shutting down, or an engine thread has stopped)."""
 
 
 @dataclass(eq=False)
-class _Job:
+class Job:
+    """One request's rows; ``future`` gets their float32 ``[rows, dim]`` vectors (never, once cancelled)."""
+
     encoded: Encoded
     lengths: np.ndarray
     vectors: np.ndarray
@@ -59,6 +63,7 @@ class _Job:
     next_row: int = 0  # rows before this one have been taken into a pool
     done: int = 0  # rows whose vectors are in ``vectors``
     started: bool = False
+    cancelled: bool = False
 
     @property
     def rows(self) -> int:
@@ -74,52 +79,60 @@ class Arrival:
 
 @dataclass
 class _Pool:
-    spans: list[tuple[_Job, int, int]] = field(default_factory=list)  # (job, first row, end row)
+    spans: list[tuple[Job, int, int]] = field(default_factory=list)  # (job, first row, end row)
     rows: int = 0
     tokens: int = 0
 
 
 class Batcher:
-    """The shared queue and its one inference thread (see the module doc)."""
+    """The shared queue and one engine thread per encoder (see the module doc)."""
 
     def __init__(
         self,
-        encoder: Encoder,
+        encoders: Sequence[Encoder],
         metrics: Metrics,
         max_batch_size: int = 32,
         max_batch_tokens: int = 16384,
         max_wait_ms: float = 5.0,
         max_queue_tokens: int = 262144,
     ) -> None:
-        engine_rows = encoder.backend.max_rows
-        self.encoder = encoder
+        self.encoders = list(encoders)
+        if not self.encoders:
+            raise ValueError("a batcher needs at least one encoder")
+        dims = {e.embedding_dim for e in self.encoders}
+        if len(dims) != 1:
+            raise ValueError(f"the engines give vectors of different sizes: {sorted(dims)}")
+        self.embedding_dim = dims.pop()
+        engine_rows = [e.backend.max_rows for e in self.encoders if e.backend.max_rows]
         self.metrics = metrics
-        self.max_rows = min(max_batch_size, engine_rows) if engine_rows else max_batch_size
+        self.max_rows = min([max_batch_size, *engine_rows])
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_tokens = max_queue_tokens
         self._cond = threading.Condition()
-        self._pending: deque[_Job] = deque()
+        self._pending: deque[Job] = deque()
         self._queued_rows = 0
         self._queued_tokens = 0
         self._arriving = 0
         self._last_pool_jobs = 0
-        self._tokens_per_s = 0.0
+        self._rates = [0.0] * len(self.encoders)  # tokens/s of each engine (moving average)
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="serve-inference", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, args=(i,), name=f"serve-engine-{i}", daemon=True)
+                         for i in range(len(self.encoders))]
 
     # -- the request side (event loop and tokenizer threads) -------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return not self._stopping and all(t.is_alive() for t in self._threads)
 
     @contextmanager
     def arriving(self) -> Iterator[Arrival]:
-        """Around reading and tokenizing a request: tells the inference thread that more rows are coming, until the
+        """Around reading and tokenizing a request: tells the engine threads that more rows are coming, until the
         request is submitted (pass the ``Arrival`` to ``submit``) or the block ends."""
         arrival = Arrival()
         with self._cond:
@@ -136,41 +149,60 @@ class Batcher:
             arrival.counted_out = True
             self._arriving -= 1
 
-    def submit(self, encoded: Encoded, arrival: Arrival | None = None) -> Future:
-        """Queue one request's rows (from any thread); the future's result is their float32 ``[rows, dim]`` vectors."""
+    def submit(self, encoded: Encoded, arrival: Arrival | None = None) -> Job:
+        """Queue one request's rows (from any thread); ``job.future`` gets their vectors."""
         lengths = encoded.lengths
         tokens = int(lengths.sum())
-        job = _Job(encoded, lengths, np.empty((len(lengths), self.encoder.embedding_dim), np.float32), Future(), time.monotonic())
+        job = Job(encoded, lengths, np.empty((len(lengths), self.embedding_dim), np.float32), Future(), time.monotonic())
         job.future.set_running_or_notify_cancel()  # from now on it cannot be cancelled, so setting its result never races
         with self._cond:
             self._count_out(arrival)
-            if self._stopping or not self._thread.is_alive():
+            if not self.alive:
                 raise ShuttingDown("the server is shutting down")
             if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
                 raise QueueFull(self._queued_tokens, self.max_queue_tokens, self._retry_after())
             if not job.rows:
                 job.future.set_result(job.vectors)
-                return job.future
+                return job
             self._pending.append(job)
             self._queued_rows += job.rows
             self._queued_tokens += tokens
             self._publish_queue()
             self._cond.notify_all()
-        return job.future
+        return job
+
+    def check_room(self) -> None:
+        """Raise ``QueueFull`` if the queue is already at ``max_queue_tokens``: lets a request be refused before its
+        body is parsed and tokenized, so that a flood of refusals does not take the engines' cores."""
+        with self._cond:
+            if self._queued_tokens >= self.max_queue_tokens:
+                raise QueueFull(self._queued_tokens, self.max_queue_tokens, self._retry_after())
+
+    def cancel(self, job: Job) -> None:
+        """Drop the rows of ``job`` that no pool has taken (its client has gone); its future is never set."""
+        with self._cond:
+            if job.cancelled:
+                return
+            job.cancelled = True
+            left = job.rows - job.next_row
+            if left:
+                self.metrics.cancelled_items.inc(left)
+                self._drop({job})
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new jobs, finish the queued ones, stop the inference thread."""
+        """Refuse new jobs, finish the queued ones, stop the engine threads."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout)
 
-    # -- the inference thread -------------------------------------------------------------------------------------
+    # -- the engine threads -----------------------------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, engine: int) -> None:
         while (pool := self._next_pool()) is not None:
-            self._run(pool)
+            self._run(engine, pool)
 
     def _next_pool(self) -> _Pool | None:
         with self._cond:
@@ -184,6 +216,8 @@ class Batcher:
                 if left <= 0:
                     break
                 self._cond.wait(left)
+            if not self._pending:  # every waiting job was cancelled meanwhile
+                return _Pool()
             return self._take()
 
     def _full(self) -> bool:
@@ -194,7 +228,7 @@ class Batcher:
 
     def _take(self) -> _Pool:
         """Rows for one pool: first come, first served, each job at most half a pool in the first pass."""
-        spans: dict[_Job, list[int]] = {}
+        spans: dict[Job, list[int]] = {}
         rows = tokens = 0
         for cap in (max(1, self.max_rows // 2), self.max_rows):
             for job in self._pending:
@@ -225,7 +259,9 @@ class Batcher:
         self._publish_queue()
         return pool
 
-    def _run(self, pool: _Pool) -> None:
+    def _run(self, engine: int, pool: _Pool) -> None:
+        if not pool.rows:
+            return
         parts = [job.encoded.take(slice(start, stop)) for job, start, stop in pool.spans]
         encoded = Encoded(
             ids=[ids for part in parts for ids in part.ids],
@@ -242,44 +278,52 @@ class Batcher:
             last = now
 
         try:
-            window = self.encoder.encode_tokenized(encoded, self.max_rows, self.max_batch_tokens, on_batch=on_batch)
+            window = self.encoders[engine].encode_tokenized(encoded, self.max_rows, self.max_batch_tokens, on_batch=on_batch)
         except Exception as exc:  # an engine failure fails these requests, not the server
-            self._fail([job for job, _, _ in pool.spans], exc)
+            self._fail({job for job, _, _ in pool.spans}, exc)
             return
         elapsed = time.perf_counter() - started
         rate = pool.tokens / max(elapsed, 1e-6)
-        self._tokens_per_s = rate if not self._tokens_per_s else 0.8 * self._tokens_per_s + 0.2 * rate
+        self._rates[engine] = rate if not self._rates[engine] else 0.8 * self._rates[engine] + 0.2 * rate
         self.metrics.items.inc(pool.rows)
         self.metrics.tokens.inc(pool.tokens)
         self.metrics.padded_tokens.inc(window.stats.padded_tokens)
+        finished = []
         offset = 0
-        for job, start, stop in pool.spans:
-            job.vectors[start:stop] = window.vectors[offset : offset + stop - start]
-            offset += stop - start
-            job.done += stop - start
-            if job.done == job.rows and not job.future.done():
-                job.future.set_result(job.vectors)
+        with self._cond:  # another engine thread may be finishing other rows of the same jobs
+            for job, start, stop in pool.spans:
+                job.vectors[start:stop] = window.vectors[offset : offset + stop - start]
+                offset += stop - start
+                job.done += stop - start
+                if job.done == job.rows and not job.cancelled:
+                    finished.append(job)
+        for job in finished:
+            job.future.set_result(job.vectors)
 
-    def _fail(self, jobs: list[_Job], exc: Exception) -> None:
+    def _drop(self, jobs: set[Job]) -> None:
+        """Remove the untaken rows of ``jobs`` from the queue (under the lock)."""
+        for job in jobs:
+            left = job.lengths[job.next_row :]
+            self._queued_rows -= len(left)
+            self._queued_tokens -= int(left.sum())
+            job.next_row = job.rows
+        self._pending = deque(j for j in self._pending if j not in jobs)
+        self._publish_queue()
+
+    def _fail(self, jobs: set[Job], exc: Exception) -> None:
         """Fail the jobs of a pool whose batch raised, and drop their rows that are still queued."""
         with self._cond:
-            failed = set(jobs)
-            for job in failed:
-                left = job.lengths[job.next_row :]
-                self._queued_rows -= len(left)
-                self._queued_tokens -= int(left.sum())
-                job.next_row = job.rows
-            self._pending = deque(j for j in self._pending if j not in failed)
-            self._publish_queue()
-        for job in failed:
-            if not job.future.done():
+            self._drop(jobs)
+        for job in jobs:
+            if not job.future.done() and not job.cancelled:
                 job.future.set_exception(exc)
 
     def _retry_after(self) -> int:
-        """Seconds until the queued tokens have run at the measured rate (1 to 60)."""
-        if self._tokens_per_s <= 0:
+        """Seconds until the queued tokens have run at the measured rate of all engines (1 to 60)."""
+        rate = sum(self._rates)
+        if rate <= 0:
             return 1
-        return int(min(60, max(1, math.ceil(self._queued_tokens / self._tokens_per_s))))
+        return int(min(60, max(1, math.ceil(self._queued_tokens / rate))))
 
     def _publish_queue(self) -> None:
         self.metrics.queue_items.set(self._queued_rows)

@@ -27,8 +27,12 @@ class ServeConfig:
     max_request_items: int = 2048
     payload_limit: int = 2_000_000
     tokenization_workers: int = 2
-    threads: int = 0  # ONNX Runtime intra-op threads, 0: one per core
-    device: str | None = None
+    threads: int = 0  # ONNX Runtime intra-op threads per engine, 0: the cores shared out among the CPU engines
+    device: str | None = None  # one device, or a comma-separated list (cuda:0,cuda:1): one engine on each
+    replicas: int = 1  # engines per device, each with its own thread, all behind the one batcher
+    head_timeout: float = 10.0  # seconds for a request's line and headers to arrive
+    body_timeout: float = 30.0  # seconds for a request's body to arrive once its headers have
+    max_connections: int = 16384  # open connections; past it new ones are closed at once
     long_text: str = "truncate"  # or "chunk": see runtime.chunking
     chunk_overlap: int = DEFAULT_OVERLAP
     chunk_pooling: str = "mean"
@@ -36,7 +40,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_batch_tokens", "max_batch_size", "max_queue_tokens", "max_concurrent_requests",
-                    "max_request_items", "payload_limit", "tokenization_workers")
+                    "max_request_items", "payload_limit", "tokenization_workers", "replicas", "max_connections")
         for name in positive:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
@@ -44,8 +48,18 @@ class ServeConfig:
         check_options(self.long_text, self.chunk_overlap, self.chunk_pooling)
         if self.max_wait_ms < 0 or self.threads < 0:
             raise ValueError("max-wait-ms and threads must be >= 0")
+        if self.head_timeout <= 0 or self.body_timeout <= 0:
+            raise ValueError("head-timeout and body-timeout must be > 0")
+        if self.device is not None and not all(self.devices):
+            raise ValueError(f"device: an empty name in {self.device!r} (expected e.g. cpu, cuda:0 or cuda:0,cuda:1)")
         if not 0.0 <= self.max_padding < 1.0:
             raise ValueError(f"max-padding must be in [0, 1), got {self.max_padding}")
+
+    @property
+    def devices(self) -> list[str | None]:
+        """One entry per engine: each listed device ``replicas`` times (``None``: the engine's natural device)."""
+        names: list[str | None] = [d.strip() for d in self.device.split(",")] if self.device is not None else [None]
+        return [d for d in names for _ in range(self.replicas)]
 
     @property
     def served_name(self) -> str:
@@ -63,6 +77,9 @@ class ServeConfig:
             "max_request_items": self.max_request_items,
             "payload_limit": self.payload_limit,
             "tokenization_workers": self.tokenization_workers,
+            "head_timeout": self.head_timeout,
+            "body_timeout": self.body_timeout,
+            "max_connections": self.max_connections,
         }
 
 

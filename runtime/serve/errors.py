@@ -29,13 +29,16 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def error_response(status: int, message: str, code: str, param: str | None = None, headers: dict[str, str] | None = None) -> Response:
+def error_body(status: int, message: str, code: str, param: str | None = None) -> bytes:
     body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param, "code": code}}
     try:
-        content = orjson.dumps(body)
+        return orjson.dumps(body)
     except orjson.JSONEncodeError:  # a message quoting invalid unicode (a lone surrogate): escape it instead
-        content = json.dumps(body, ensure_ascii=True).encode()
-    return Response(content, status_code=status, media_type="application/json", headers=headers)
+        return json.dumps(body, ensure_ascii=True).encode()
+
+
+def error_response(status: int, message: str, code: str, param: str | None = None, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(status, message, code, param), status_code=status, media_type="application/json", headers=headers)
 
 
 async def api_error_handler(_request: Request, exc: Exception) -> Response:

@@ -33,9 +33,12 @@ class Metrics:
         self.latency = Histogram("instructor_request_duration_seconds", "End-to-end time of a request in the server", ["endpoint"], buckets=SECONDS, registry=r)
         self.items = Counter("instructor_items", "Items (texts) embedded", registry=r)
         self.tokens = Counter("instructor_tokens", "Real tokens embedded (instruction, text and special tokens)", registry=r)
+        self.connections_closed = Counter("instructor_connections_closed", "Connections the server closed: reason head_timeout "
+                                          "(--head-timeout) or max_connections (--max-connections)", ["reason"], registry=r)
+        self.cancelled_items = Counter("instructor_cancelled_items", "Queued items dropped because their client disconnected", registry=r)
         self.padded_tokens = Counter("instructor_padded_tokens", "Positions the engine computed (per batch: rows x longest row)", registry=r)
         self.batch_size = Histogram("instructor_batch_size", "Rows per engine batch", buckets=ROWS, registry=r)
-        self.inference = Histogram("instructor_inference_seconds", "Engine time per batch", buckets=SECONDS, registry=r)
+        self.inference = Histogram("instructor_inference_seconds", "Engine time per batch (one encode_tokenized call)", buckets=SECONDS, registry=r)
         self.queue_time = Histogram("instructor_queue_seconds", "Time from a request's enqueue to its first batch", buckets=SECONDS, registry=r)
         self.in_progress = Gauge("instructor_requests_in_progress", "Embedding requests being read, tokenized, queued or run", registry=r)
         self.queue_items = Gauge("instructor_queue_items", "Items waiting for the engine", registry=r)
