@@ -188,10 +188,15 @@ def run_server(name: str, cmd: list[str], items: list[Any], args: argparse.Names
 # -- offline ----------------------------------------------------------------------------------------------------------
 
 
+def corpus_passes(enc: Any, items: list[Any], repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` timed ``Encoder.encode`` passes over the corpus, after one warm-up pass."""
+    enc.encode(items)
+    return [timed(lambda: enc.encode(items, batch_size=32)) for _ in range(repeats)]
+
+
 def offline(enc: Any, items: list[Any], args: argparse.Namespace) -> dict[str, Any]:
     """Encoder.encode over the corpus (docs/s) and single-item calls (ms), in this process, before any server runs."""
-    enc.encode(items)  # warm-up
-    times = [timed(lambda: enc.encode(items, batch_size=32)) for _ in range(args.offline_repeats)]
+    times = corpus_passes(enc, items, args.offline_repeats)
     stats = enc.last_stats
     single = [timed(lambda: enc.encode([items[i % len(items)]])) * 1000 for i in range(args.direct_calls)]
     info = {"embedding_dim": enc.embedding_dim, "max_seq_length": enc.max_seq_length, "precision": enc.manifest.precision,
@@ -285,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.before_src is not None:
         servers["before"] = run_server("before", cmd, items, args, args.out.with_suffix(".before.log"), src=args.before_src.resolve())
     with Encoder(args.engine, **opts) as enc:  # offline again, after the runtime servers: the machine may have changed
-        enc.encode(items)
-        again = len(items) / statistics.median([timed(lambda: enc.encode(items, batch_size=32)) for _ in range(args.offline_repeats)])
+        again = len(items) / statistics.median(corpus_passes(enc, items, args.offline_repeats))
     off["docs_per_s_at_start"], off["docs_per_s_at_end"] = off["docs_per_s"], again
     off["docs_per_s"] = max(off["docs_per_s"], again)  # the higher of the two: shares are not flattered by a noisy pass
     print(f"offline again: {again:.1f} docs/s; shares are of {off['docs_per_s']:.1f}", file=sys.stderr)
