@@ -222,19 +222,20 @@ class Workspace:
             make_checkpoint(model, folder, self.seed)
         return folder
 
-    def engine(self, model: str, precision: str, suffix: str = ".onnx") -> Path | None:
-        """The engine for ``model`` at ``precision``; ``None`` (reason in ``notes``) when the exporter cannot make it."""
+    def engine(self, model: str, precision: str, suffix: str = ".onnx", fuse_attention: bool = True) -> Path | None:
+        """The engine for ``model`` at ``precision``; ``None`` (reason in ``notes``) when the exporter cannot make it.
+        ``fuse_attention=False``: the export's ``--no-fuse-attention`` engine (T5 attention as plain ops)."""
         from runtime.bundle import manifest_path
 
-        path = self.root / f"{model}-{precision}{suffix}"
+        path = self.root / f"{model}-{precision}{'' if fuse_attention else '-unfused'}{suffix}"
         if manifest_path(path).is_file():
             return path
         from export.build import ExportOptions, export_bundle
 
         try:
-            export_bundle(self.checkpoint(model), path, ExportOptions(precision=precision))
+            export_bundle(self.checkpoint(model), path, ExportOptions(precision=precision, fuse_attention=fuse_attention))
         except Exception as exc:  # an unavailable precision or a failed gate is a result to report, not a crash
-            self.notes[f"{model}-{precision}{suffix}"] = f"{type(exc).__name__}: {exc}"
+            self.notes[path.name] = f"{type(exc).__name__}: {exc}"
             return None
         return path
 

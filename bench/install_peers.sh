@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create one venv per throughput peer under .venv-peers/NAME (git-ignored), for the peers whose pins do not fit
 # the project's .venv (sentence-transformers' ONNX backend needs optimum-onnx, which pins transformers 4.x).
-# Usage: bash bench/install_peers.sh [NAME ...]   (default: st-onnx fastembed infinity)
+# Usage: bash bench/install_peers.sh [NAME ...]   (default: st-onnx fastembed infinity openvino)
 # Then:  python -m bench.throughput ... --peer-python st-onnx=.venv-peers/st-onnx/bin/python ...
 # A peer whose install fails is left out; its pip log stays in .venv-peers/NAME.log and bench.throughput reports
 # the peer as skipped with that reason.
@@ -16,12 +16,13 @@ requirements() {  # the pip requirements of each peer; torch is always the CPU b
         st-onnx) echo "torch==2.13.0 sentence-transformers[onnx] onnxruntime" ;;
         fastembed) echo "fastembed" ;;
         infinity) echo "torch==2.13.0 infinity-emb[torch]" ;;
-        *) echo "unknown peer $1 (choose from st-onnx fastembed infinity)" >&2; return 1 ;;
+        openvino) echo "torch==2.13.0 sentence-transformers[openvino] datasets" ;;
+        *) echo "unknown peer $1 (choose from st-onnx fastembed infinity openvino)" >&2; return 1 ;;
     esac
 }
 
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(st-onnx fastembed infinity)
+[ ${#names[@]} -eq 0 ] && names=(st-onnx fastembed infinity openvino)
 status=0
 for name in "${names[@]}"; do
     reqs=$(requirements "$name") || { status=2; continue; }
@@ -38,6 +39,9 @@ for name in "${names[@]}"; do
     fi
     # shellcheck disable=SC2086
     if "$venv/bin/pip" install $reqs >>"$log" 2>&1; then
+        # optimum-intel pulls PyPI's torchvision, which cannot load beside the CPU torch wheel ("operator
+        # torchvision::nms does not exist") and then breaks every transformers model import; nothing here uses it
+        [ "$name" = openvino ] && "$venv/bin/pip" uninstall -y torchvision >>"$log" 2>&1
         "$venv/bin/pip" freeze >"$venv/freeze.txt"
         echo "   ok: $("$venv/bin/python" --version)"
     else

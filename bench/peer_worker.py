@@ -4,8 +4,9 @@ Run as a script by any Python that has the peer's library (the project's .venv, 
 ``bench/install_peers.sh``); it imports nothing from this project, so it works in a venv without it.
 
 Requests on stdin, answers on stdout (everything the libraries print goes to stderr):
-- ``{"op": "load", "peer": NAME, "model_dir": DIR, "workdir": DIR, "threads": N, "batch_size": B, "prompt": S|null}``
-  -> ``{"ok": true, "info": {...}}``: build (export, quantize) and load the peer's model from local files only;
+- ``{"op": "load", "peer": NAME, "model_dir": DIR, "workdir": DIR, "threads": N, "batch_size": B, "prompt": S|null,
+  "calibration": [texts]}`` -> ``{"ok": true, "info": {...}}``: build (export, quantize; a static int8 export
+  calibrates on ``calibration``) and load the peer's model from local files only;
 - ``{"op": "corpus", "texts": [...]}`` -> ``{"ok": true}``: the texts every ``encode`` encodes;
 - ``{"op": "encode", "out": PATH|null}`` -> ``{"ok": true, "seconds": s}``: encode the corpus once (timed here,
   so the protocol is not), and with ``out`` save the vectors there as float32 ``.npy``;
@@ -60,9 +61,9 @@ def _st_torch(req: dict[str, Any]) -> tuple[Callable[[list[str]], Any], dict[str
     return encode, {"library": f"sentence-transformers {_version('sentence-transformers')}", "torch": _version("torch")}
 
 
-def _onnx_model_dir(req: dict[str, Any]) -> Path:
-    """A writable copy of the model folder (the ONNX exporter writes ``onnx/`` into it)."""
-    dst = Path(req["workdir"]) / "st-onnx-model"
+def _model_copy(req: dict[str, Any], name: str = "st-onnx-model") -> Path:
+    """A writable copy of the model folder (the ONNX and OpenVINO exporters write ``onnx/``, ``openvino/`` into it)."""
+    dst = Path(req["workdir"]) / name
     if not (dst / "modules.json").is_file():
         shutil.copytree(req["model_dir"], dst, dirs_exist_ok=True)
     return dst
@@ -84,7 +85,7 @@ def _st_onnx(req: dict[str, Any]) -> tuple[Callable[[list[str]], Any], dict[str,
     import onnxruntime as ort
     from sentence_transformers import SentenceTransformer
 
-    folder = _onnx_model_dir(req)
+    folder = _model_copy(req)
     so = ort.SessionOptions()
     if req["threads"]:
         so.intra_op_num_threads = req["threads"]
@@ -110,6 +111,48 @@ def _st_onnx(req: dict[str, Any]) -> tuple[Callable[[list[str]], Any], dict[str,
         file_name = f"onnx/{written[0].name}"
         info["quantization_config"] = config
     model = SentenceTransformer(str(folder), device="cpu", backend="onnx", local_files_only=True,
+                                model_kwargs={**kwargs, "file_name": file_name})
+    info["file"] = file_name
+
+    def encode(texts: list[str]) -> Any:
+        return model.encode(texts, batch_size=req["batch_size"], convert_to_numpy=True)
+
+    return encode, info
+
+
+def _st_openvino(req: dict[str, Any]) -> tuple[Callable[[list[str]], Any], dict[str, Any]]:
+    """sentence-transformers ``backend="openvino"`` (optimum-intel export), fp32 or its static int8
+    (``export_static_quantized_openvino_model``, NNCF calibrated on the bench's calibration texts, a local dataset)."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = _model_copy(req, "st-openvino-model")
+    kwargs: dict[str, Any] = {"ov_config": {"INFERENCE_NUM_THREADS": str(req["threads"])} if req["threads"] else {}}
+    fp32_file = folder / "openvino" / "openvino_model.xml"
+    if not fp32_file.is_file():
+        SentenceTransformer(str(folder), device="cpu", backend="openvino", local_files_only=True, model_kwargs=kwargs).save_pretrained(str(folder))
+    info = {"library": f"sentence-transformers {_version('sentence-transformers')}", "optimum-intel": _version("optimum-intel"),
+            "openvino": _version("openvino")}
+    file_name = "openvino/openvino_model.xml"
+    if req["peer"] == "st-openvino-qint8":
+        from optimum.intel import OVQuantizationConfig
+        from sentence_transformers import export_static_quantized_openvino_model
+
+        texts = list(req.get("calibration") or [])
+        if not texts:
+            raise RuntimeError("no calibration texts for the static int8 export")
+        qfile = folder / "openvino" / "openvino_model_qint8_quantized.xml"
+        if not qfile.is_file():
+            data = Path(req["workdir"]) / "openvino-calibration"
+            data.mkdir(parents=True, exist_ok=True)
+            (data / "train.jsonl").write_text("".join(json.dumps({"sentence": t}) + "\n" for t in texts))
+            fp32 = SentenceTransformer(str(folder), device="cpu", backend="openvino", local_files_only=True,
+                                       model_kwargs={**kwargs, "file_name": file_name})
+            export_static_quantized_openvino_model(fp32, OVQuantizationConfig(num_samples=len(texts)), str(folder),
+                                                   dataset_name=str(data), dataset_config_name="default",
+                                                   dataset_split="train", column_name="sentence")
+        file_name = f"openvino/{qfile.name}"
+        info["calibration_texts"] = len(texts)
+    model = SentenceTransformer(str(folder), device="cpu", backend="openvino", local_files_only=True,
                                 model_kwargs={**kwargs, "file_name": file_name})
     info["file"] = file_name
 
@@ -184,6 +227,8 @@ PEERS: dict[str, Callable[[dict[str, Any]], tuple[Callable[[list[str]], Any], di
     "st-onnx-qint8": _st_onnx,
     "fastembed": _fastembed,
     "infinity": _infinity,
+    "st-openvino": _st_openvino,
+    "st-openvino-qint8": _st_openvino,
 }
 
 

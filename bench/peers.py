@@ -23,14 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from export.parity import compare
+from export.parity import calibration_inputs, compare
 
 WORKER = Path(__file__).with_name("peer_worker.py")
-PEERS = ("st-torch", "st-onnx", "st-onnx-qint8", "fastembed", "infinity")
-VENV = {"st-torch": None, "st-onnx": "st-onnx", "st-onnx-qint8": "st-onnx", "fastembed": "fastembed", "infinity": "infinity"}
-PRECISION = {"st-onnx-qint8": "int8"}  # every other peer is fp32
+PEERS = ("st-torch", "st-onnx", "st-onnx-qint8", "fastembed", "infinity", "st-openvino", "st-openvino-qint8")
+VENV = {"st-torch": None, "st-onnx": "st-onnx", "st-onnx-qint8": "st-onnx", "fastembed": "fastembed", "infinity": "infinity",
+        "st-openvino": "openvino", "st-openvino-qint8": "openvino"}
+PRECISION = {"st-onnx-qint8": "int8", "st-openvino-qint8": "int8"}  # every other peer is fp32
 THRESHOLDS = {"fp32": 0.999, "int8": 0.99}  # min cosine vs the reference before a peer's time counts (int8: our gate)
-PLAIN_TEXT = {"st-onnx", "st-onnx-qint8", "fastembed", "infinity"}  # no way to leave an instruction out of the mean
+PLAIN_TEXT = {"st-onnx", "st-onnx-qint8", "fastembed", "infinity", "st-openvino", "st-openvino-qint8"}  # no way to leave an instruction out of the mean
 UNSORTED = {"fastembed"}  # batches in input order (the others sort by length first): its padding is counted so
 PEER_VENVS = Path(".venv-peers")
 
@@ -155,6 +156,14 @@ class Peer:
         self.process.close()
 
 
+def calibration_texts() -> list[str]:
+    """The texts of the exporter's calibration set (golden probes and real sentences; the text of each
+    [instruction, text(, flag)] row): a peer's static int8 export calibrates on what ours does, never on the timed
+    corpus."""
+    texts = [row[1] if isinstance(row, list) else row for row in calibration_inputs(0, 0)]
+    return [t for t in texts if t.strip()]
+
+
 def start(
     name: str,
     model_dir: Path,
@@ -174,7 +183,7 @@ def start(
     process = PeerProcess(name, python, workdir / f"{name}.log")
     try:
         answer = process.request(op="load", peer=name, model_dir=str(Path(model_dir).resolve()), workdir=str(workdir.resolve()),
-                                 threads=threads, batch_size=batch_size, prompt=prompt)
+                                 threads=threads, batch_size=batch_size, prompt=prompt, calibration=calibration_texts())
         process.request(op="corpus", texts=texts)
     except PeerError:
         process.close()

@@ -4,7 +4,8 @@ embedders a user would run instead (peers), all in the same run, on the same cor
 Contenders per model:
 - ``reference``: ``trainer.InstructorModel.encode`` (PyTorch fp32; equals ``InstructorEmbedding==1.0.1``);
 - ``runtime-<precision>``: ``runtime.Encoder`` on an engine exported from that checkpoint (fp32, int8, ...;
-  ``fp32.pt2`` etc.: the ``.pt2`` engine of that precision, compiled for the CPU);
+  ``fp32.pt2`` etc.: the ``.pt2`` engine of that precision, compiled for the CPU; ``fp32-unfused`` etc.: the engine
+  exported with ``--no-fuse-attention``, T5's attention as plain ops, the A/B of the fusion), with its node counts;
 - peers (``bench.peers``, each in its own process, maybe its own venv): ``st-torch`` (sentence-transformers on
   PyTorch; an INSTRUCTOR instruction is its ``prompt``, left out of the pooling), ``st-onnx`` and ``st-onnx-qint8``
   (sentence-transformers ``backend="onnx"``: its Optimum export and its dynamic int8 export), ``fastembed`` (on that
@@ -53,7 +54,8 @@ PRECISIONS = ("fp32", "int8")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["base", "minilm"], choices=MODELS, help="model shapes (seeded random T5) and/or the real MiniLM. Default: base minilm")
-    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), help="runtime engine precisions: PRECISION for the .onnx engine, PRECISION.pt2 for the .pt2 one (e.g. fp32.pt2). Default: fp32 int8")
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), help="runtime engine precisions: PRECISION for the .onnx engine, PRECISION.pt2 for the .pt2 one (e.g. fp32.pt2), "
+                   "PRECISION-unfused for the .onnx engine exported with --no-fuse-attention (T5: the A/B of the attention fusion). Default: fp32 int8")
     p.add_argument("--data", nargs="*", default=[], help="data folders (DATA_DIR, the layout of docs/evaluation.md) or .jsonl/.txt files; none: built-in corpus")
     p.add_argument("--docs", type=int, default=1000, help="texts in the corpus. Default: 1000")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported). Default: 5")
@@ -89,14 +91,29 @@ def our_contenders(model_name: str, ws: Workspace, items: list[Any], args: argpa
     encode = partial(reference.encode, items, batch_size=args.batch_size)
     out = [Contender("reference", encode, encode)]
     for precision in args.precisions:
-        base, dot, kind = precision.partition(".")  # "fp32.pt2": the .pt2 engine of that precision, for the CPU
-        engine = ws.engine(model_name, base, f".{kind}" if dot else ".onnx")
+        spec, dot, kind = precision.partition(".")  # "fp32.pt2": the .pt2 engine of that precision, for the CPU
+        base, _, variant = spec.partition("-")  # "fp32-unfused": the export's --no-fuse-attention engine
+        if variant not in ("", "unfused"):
+            raise ValueError(f"--precisions {precision}: unknown variant {variant!r} (PRECISION[-unfused][.pt2])")
+        engine = ws.engine(model_name, base, f".{kind}" if dot else ".onnx", fuse_attention=variant != "unfused")
         if engine is None:
             continue
         enc = Encoder(engine, intra_op_threads=args.threads) if engine.suffix == ".onnx" else Encoder(engine, device="cpu")
         run = partial(enc.encode, items, batch_size=args.batch_size)
-        out.append(Contender(f"runtime-{precision}", run, run, base, info={"engine": str(engine), "encoder": enc}))
+        info = {"engine": str(engine), "encoder": enc, **({"graph": graph_nodes(engine)} if engine.suffix == ".onnx" else {})}
+        out.append(Contender(f"runtime-{precision}", run, run, base, info=info))
     return out
+
+
+def graph_nodes(engine: Path) -> dict[str, Any]:
+    """Node counts of an ``.onnx`` engine: all of them, per op type, and the exporter's plain graph they came from."""
+    from export.optimize import op_counts
+    from runtime.bundle import load_manifest
+
+    ops = op_counts(engine)
+    graph = load_manifest(engine, verify_engine=False).data.get("graph", {})
+    plain = graph.get("fp32_graph", graph).get("nodes", {}).get("before")  # int8: the fp32 graph it quantized
+    return {"nodes": sum(ops.values()), "plain_graph_nodes": plain, "ops": ops}
 
 
 def peer_contenders(ckpt: Path, docs: list[str], prompt: str | None, args: argparse.Namespace, workdir: Path, skipped: dict[str, str]) -> list[tuple[Contender, peers.Peer]]:
@@ -164,6 +181,7 @@ def bench_model(model_name: str, docs: list[str], args: argparse.Namespace, ws: 
             **({"agreement": vars(agreements[c.name])} if c.name in agreements else {}),
             "counted": c.name not in agreements or agreements[c.name].passed,
             **({"peer": dict(c.info)} if c.name in args.peers else {}),
+            **({"graph": c.info["graph"]} if "graph" in c.info else {}),
         }
     return {
         "checkpoint": str(ckpt),
@@ -203,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in report["models"][model_name]["contenders"].items():
             cos = r.get("agreement", {}).get("min_cosine")
             print(
-                f"{model_name:7s} {name:16s} {r['docs_per_s']:9.1f} docs/s  {r['tokens_per_s']:10.0f} tok/s  "
+                f"{model_name:7s} {name:20s} {r['docs_per_s']:9.1f} docs/s  {r['tokens_per_s']:10.0f} tok/s  "
                 f"x{r['ratio_to_reference']:.2f}  pad {r['padding_waste']:.1%}  {r['useful_gflops']:.1f} GFLOP/s "
                 f"({r['share_of_sgemm_peak']:.0%} of sgemm)" + (f"  min cos {cos:.5f}" if cos is not None else "")
+                + (f"  {r['graph']['nodes']} nodes" if "graph" in r else "")
                 + ("" if r["counted"] else "  NOT COUNTED: disagrees with the reference"),
                 file=sys.stderr,
             )

@@ -54,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-optimize", action="store_true", help="fp32 .onnx: skip ONNX Runtime's graph optimizers")
     p.add_argument(
+        "--no-fuse-attention",
+        action="store_true",
+        help="T5 .onnx (fp32, int8): keep the attention as plain ops instead of MultiHeadAttention with the shared "
+        "position bias (the RMSNorm fusions stay); for comparison. A fusion that does not match or misses the gate "
+        "falls back to this graph by itself, with a message",
+    )
+    p.add_argument(
         "--int8-weights",
         choices=("auto", "per-channel", "per-tensor"),
         default="auto",
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         gate=gate,
         calib_max_batch=args.calib_max_batch,
         optimize=not args.no_optimize,
+        fuse_attention=not args.no_fuse_attention,
         per_channel={"auto": None, "per-channel": True, "per-tensor": False}[args.int8_weights],
         max_batch=args.max_batch,
         opt_batch=args.opt_batch,

@@ -4,8 +4,9 @@ Everything is written into a temp folder beside the output; only when the parity
 into place (engine and sidecars first, manifest last), so a failed or interrupted export leaves no engine behind.
 Per precision (see ``make_engine``):
 
-- ``fp32`` ``.onnx``: ORT's transformer optimizer, else ORT's offline basic level, else the plain graph: the first
-  that passes the fp32 gate is kept;
+- ``fp32`` ``.onnx``: for T5, ORT's transformer optimizer plus the T5 attention fusion (``export.t5_attention``);
+  else ORT's transformer optimizer alone, else ORT's offline basic level, else the plain graph: the first that
+  passes the fp32 gate is kept, and each one passed over is reported on stderr with the reason;
 - ``int8`` ``.onnx``: ONNX Runtime's quantizer recipes on the optimized fp32 graph (dynamic per-channel/per-tensor,
   int8 attention, static QDQ calibrated on the calibration set; ``export.quantize``), each measured for the gate and
   speed; the fastest that passes is kept, with the most harmful MatMuls stepped back to fp32 only where needed;
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -61,6 +63,7 @@ class ExportOptions:
     calib_max_batch: int | None = None  # rows of max_seq_length tokens: 4 for .onnx, max_batch for .plan
     calib_batch_size: int = 16
     optimize: bool = True
+    fuse_attention: bool = True  # T5: MultiHeadAttention with the shared position bias (export.t5_attention)
     per_channel: bool | None = None  # int8: None measures both granularities, the fastest that passes is kept
     max_batch: int = 32  # .plan profile
     opt_batch: int | None = None  # .plan profile; default max_batch // 2 (at least 1)
@@ -112,18 +115,25 @@ class Verifier:
 def _fp32_onnx(model: InstructorModel, base: Path, workdir: Path, opts: ExportOptions, verifier: Verifier) -> EngineResult:
     rejected = []
     if opts.optimize:
-        for label, make in optimize.candidates(model, base, workdir):
+        for label, make in optimize.candidates(model, base, workdir, opts.fuse_attention):
             try:
                 cand = make()
             except Exception as exc:  # an optimizer that cannot handle the graph is skipped, and said so
                 rejected.append({"candidate": label, "reason": f"failed: {exc}"})
+                _fallback_message(label, rejected[-1]["reason"])
                 continue
             report = verifier.check(*onnx_runner(cand.path))
             if report.passed:
                 return cand.path, report, {"graph": {**cand.info, "rejected": rejected}}
             rejected.append({"candidate": label, "reason": "; ".join(report.failures)})
+            _fallback_message(label, f"parity gate: {rejected[-1]['reason']}")
     report = verifier.check(*onnx_runner(base))
     return base, report, {"graph": {"applied": "none", "rejected": rejected}}
+
+
+def _fallback_message(label: str, reason: str) -> None:
+    """Say on stderr that a graph candidate was passed over and the next (less fused) one is tried."""
+    print(f"export: graph candidate {label!r} not used ({reason}); falling back to the next candidate", file=sys.stderr)
 
 
 def _race(runners: dict[str, Runner], verifier: Verifier, rounds: int = 3) -> dict[str, float]:

@@ -7,8 +7,8 @@ Recipes (``Recipe``), all on the fp32 graph that passed the fp32 gate (so fused 
 - ``dynamic+attention``: the same plus the fused ``Attention`` ops (their QKV projection becomes ``QAttention``);
 - ``static``: ``quantize_static`` in QDQ format, activation ranges calibrated (min/max) on the export calibration
   set (``export.parity.calibration_inputs``, one row at a time, unpadded), uint8 activations, per-channel int8 weights; ORT's QDQ quantizer also
-  quantizes the activation x activation MatMuls (QK^T, attention x V) where attention is not fused, so this is also
-  the int8-attention recipe of T5. (Symmetric int8 activations measured worse: min cos 0.845 vs 0.978 on the tiny
+  quantizes the activation x activation MatMuls (QK^T, attention x V) where attention is not fused (T5 exported
+  with ``--no-fuse-attention``); T5's fused ``MultiHeadAttention`` stays fp32 (it has no int8 kernel). (Symmetric int8 activations measured worse: min cos 0.845 vs 0.978 on the tiny
   fixture; percentile and entropy calibration cannot stack the calibration set's batches of different lengths.)
 
 The head (pooling sums, Dense, L2 norm) always stays fp32. When no recipe passes with every encoder MatMul in int8,

@@ -100,3 +100,27 @@ def test_environment_records_the_vector_extensions():
     env = environment()
     assert isinstance(env["cpu_flags"], list) and env["cpu_count"] >= 1
     assert all(f in {"avx", "avx2", "fma", "f16c", "avx_vnni", "avx_vnni_int8", "sse4_2"} or f.startswith(("avx512", "amx")) for f in env["cpu_flags"])
+
+
+def test_throughput_runs_the_fused_and_unfused_engines_with_their_node_counts(tmp_path):
+    from argparse import Namespace
+
+    from bench.common import Workspace
+    from bench.throughput import our_contenders
+    from trainer import InstructorModel
+
+    ws = Workspace(tmp_path)
+    tiny_model = InstructorModel.from_pretrained(ws.checkpoint("tiny"))  # the seeded tiny shape the engines come from
+    items = with_instruction(["a short text", "another, somewhat longer text"], "t5")
+    args = Namespace(precisions=["fp32", "fp32-unfused"], batch_size=2, threads=1)
+    contenders = {c.name: c for c in our_contenders("tiny", ws, items, args, tiny_model)}
+    assert list(contenders) == ["reference", "runtime-fp32", "runtime-fp32-unfused"]
+    fused, unfused = contenders["runtime-fp32"].info["graph"], contenders["runtime-fp32-unfused"].info["graph"]
+    assert fused["ops"]["MultiHeadAttention"] == 2 and "Softmax" not in fused["ops"]
+    assert unfused["ops"]["Softmax"] == 2 and "MultiHeadAttention" not in unfused["ops"]
+    assert fused["nodes"] < unfused["nodes"] < fused["plain_graph_nodes"] == unfused["plain_graph_nodes"]
+    ref = contenders["reference"].warm()
+    for name in ("runtime-fp32", "runtime-fp32-unfused"):
+        assert np.abs(contenders[name].warm() - ref).max() <= 1e-5
+    with pytest.raises(ValueError, match="unknown variant"):
+        our_contenders("tiny", ws, items, Namespace(precisions=["fp32-fast"], batch_size=2, threads=1), tiny_model)

@@ -94,3 +94,14 @@ def test_st_torch_peer_over_the_protocol_agrees_with_the_reference(tiny_model, t
 def test_padding_in_input_order():
     # batches of 2 in input order: [3, 10] -> 20, [2, 9] -> 18, [1] -> 1
     assert padded_tokens_in_order(np.array([3, 10, 2, 9, 1]), 2) == 39
+
+
+def test_openvino_peers_share_one_venv_and_calibrate_on_the_exporters_texts(tmp_path):
+    assert {"st-openvino", "st-openvino-qint8"} <= set(peers.PEERS) <= set(peers.VENV)
+    with pytest.raises(peers.PeerError, match="bash bench/install_peers.sh openvino"):
+        peers.python_for("st-openvino-qint8", {}, tmp_path)
+    assert peers.PRECISION["st-openvino-qint8"] == "int8" and "st-openvino" in peers.PLAIN_TEXT
+    texts = peers.calibration_texts()
+    assert len(texts) > 50 and all(isinstance(t, str) and t.strip() for t in texts)
+    with pytest.raises(peers.PeerError, match="cannot leave the instruction"):
+        peers.start("st-openvino", TINY, ["x"], DOC_INSTRUCTION, tmp_path, 1, 4, {})

@@ -71,13 +71,13 @@ def test_tiny_fp32_equals_golden_vectors(tiny_fp32, golden_inputs, golden_vector
     assert np.abs(got - golden_vectors).max() <= 1e-5
 
 
-def test_tiny_fp32_keeps_ort_optimizer_and_t5_relative_attention(tiny_fp32):
+def test_tiny_fp32_fuses_rms_norm_and_t5_attention(tiny_fp32):
     manifest = json.loads(Path(f"{tiny_fp32}.manifest.json").read_text())
     graph = manifest["graph"]
-    assert graph["applied"] == "onnxruntime.transformers.optimizer" and graph["model_type"] == "t5"
+    assert graph["applied"] == "onnxruntime.transformers.optimizer + export.t5_attention" and graph["model_type"] == "t5"
     assert graph["fused_ops"].get("SkipSimplifiedLayerNormalization", 0) > 0  # RMSNorm + residual fused
     ops = {n.op_type for n in onnx.load(str(tiny_fp32)).graph.node}
-    assert {"Log", "Softmax"} <= ops  # relative position buckets and the attention with their bias are still there
+    assert "Log" in ops and "MultiHeadAttention" in ops  # relative position buckets kept, attention fused
     parity = manifest["parity"]
     long_rows = 4  # the calibration set ends with rows of max_seq_length tokens (relative distances > 128)
     assert parity["rows"] == len(calibration_inputs(512, long_rows)) and parity["passed"]
@@ -237,7 +237,7 @@ def test_int8_export_measures_every_recipe_and_keeps_the_fastest_that_passes(tmp
     assert passing and all(m["calibration_set_seconds"] > 0 for m in passing)  # every passing candidate raced
     assert graph["recipe"] == min(passing, key=lambda m: m["calibration_set_seconds"])["recipe"]
     assert manifest["parity"]["passed"] and manifest["parity"]["min_cosine"] >= 0.99
-    assert graph["fp32_graph"]["applied"] == "onnxruntime.transformers.optimizer"  # quantized after the fp32 fusions
+    assert graph["fp32_graph"]["applied"] == "onnxruntime.transformers.optimizer + export.t5_attention"  # after the fp32 fusions
     assert "sensitivity" not in graph  # a full quantization passed: no MatMul had to stay fp32
 
 
