@@ -121,12 +121,17 @@ def _st_onnx(req: dict[str, Any]) -> tuple[Callable[[list[str]], Any], dict[str,
 
 
 def _st_openvino(req: dict[str, Any]) -> tuple[Callable[[list[str]], Any], dict[str, Any]]:
-    """sentence-transformers ``backend="openvino"`` (optimum-intel export), fp32 or its static int8
-    (``export_static_quantized_openvino_model``, NNCF calibrated on the bench's calibration texts, a local dataset)."""
+    """sentence-transformers ``backend="openvino"`` (optimum-intel export): as a user gets it (the CPU plugin picks
+    its own inference precision: bf16 where the CPU has AMX or AVX512-BF16), pinned to f32 (``st-openvino-f32``), or
+    its static int8 (``export_static_quantized_openvino_model``, NNCF calibrated on the bench's calibration texts, a
+    local dataset). The precision the plugin compiled for is reported, since it decides the speed."""
     from sentence_transformers import SentenceTransformer
 
     folder = _model_copy(req, "st-openvino-model")
-    kwargs: dict[str, Any] = {"ov_config": {"INFERENCE_NUM_THREADS": str(req["threads"])} if req["threads"] else {}}
+    config = {"INFERENCE_NUM_THREADS": str(req["threads"])} if req["threads"] else {}
+    if req["peer"] == "st-openvino-f32":
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    kwargs: dict[str, Any] = {"ov_config": config}
     fp32_file = folder / "openvino" / "openvino_model.xml"
     if not fp32_file.is_file():
         SentenceTransformer(str(folder), device="cpu", backend="openvino", local_files_only=True, model_kwargs=kwargs).save_pretrained(str(folder))
@@ -155,6 +160,7 @@ def _st_openvino(req: dict[str, Any]) -> tuple[Callable[[list[str]], Any], dict[
     model = SentenceTransformer(str(folder), device="cpu", backend="openvino", local_files_only=True,
                                 model_kwargs={**kwargs, "file_name": file_name})
     info["file"] = file_name
+    info["inference_precision"] = model[0].auto_model.request.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
     def encode(texts: list[str]) -> Any:
         return model.encode(texts, batch_size=req["batch_size"], convert_to_numpy=True)
@@ -228,6 +234,7 @@ PEERS: dict[str, Callable[[dict[str, Any]], tuple[Callable[[list[str]], Any], di
     "fastembed": _fastembed,
     "infinity": _infinity,
     "st-openvino": _st_openvino,
+    "st-openvino-f32": _st_openvino,
     "st-openvino-qint8": _st_openvino,
 }
 

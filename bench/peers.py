@@ -26,12 +26,14 @@ import numpy as np
 from export.parity import calibration_inputs, compare
 
 WORKER = Path(__file__).with_name("peer_worker.py")
-PEERS = ("st-torch", "st-onnx", "st-onnx-qint8", "fastembed", "infinity", "st-openvino", "st-openvino-qint8")
+PEERS = ("st-torch", "st-onnx", "st-onnx-qint8", "fastembed", "infinity", "st-openvino", "st-openvino-f32",
+         "st-openvino-qint8")
 VENV = {"st-torch": None, "st-onnx": "st-onnx", "st-onnx-qint8": "st-onnx", "fastembed": "fastembed", "infinity": "infinity",
-        "st-openvino": "openvino", "st-openvino-qint8": "openvino"}
-PRECISION = {"st-onnx-qint8": "int8", "st-openvino-qint8": "int8"}  # every other peer is fp32
+        "st-openvino": "openvino", "st-openvino-f32": "openvino", "st-openvino-qint8": "openvino"}
+PRECISION = {"st-onnx-qint8": "int8", "st-openvino-qint8": "int8"}  # every other peer is fp32 (st-openvino: the
+# plugin's choice, maybe bf16, reported by the worker as inference_precision and gated as fp32)
 THRESHOLDS = {"fp32": 0.999, "int8": 0.99}  # min cosine vs the reference before a peer's time counts (int8: our gate)
-PLAIN_TEXT = {"st-onnx", "st-onnx-qint8", "fastembed", "infinity", "st-openvino", "st-openvino-qint8"}  # no way to leave an instruction out of the mean
+PLAIN_TEXT = {"st-onnx", "st-onnx-qint8", "fastembed", "infinity", "st-openvino", "st-openvino-f32", "st-openvino-qint8"}  # no way to leave an instruction out of the mean
 UNSORTED = {"fastembed"}  # batches in input order (the others sort by length first): its padding is counted so
 PEER_VENVS = Path(".venv-peers")
 

@@ -9,8 +9,9 @@ Contenders per model:
 - peers (``bench.peers``, each in its own process, maybe its own venv): ``st-torch`` (sentence-transformers on
   PyTorch; an INSTRUCTOR instruction is its ``prompt``, left out of the pooling), ``st-onnx`` and ``st-onnx-qint8``
   (sentence-transformers ``backend="onnx"``: its Optimum export and its dynamic int8 export), ``fastembed`` (on that
-  ONNX export, as a local folder) and ``infinity`` (infinity_emb's Python engine, torch). All load the checkpoint's
-  local files; nothing comes from a model hub. The plain-text peers run on models without instructions (MiniLM).
+  ONNX export, as a local folder), ``infinity`` (infinity_emb's Python engine, torch), ``st-openvino`` (its
+  ``backend="openvino"`` as a user gets it: the CPU plugin may choose bf16), ``st-openvino-f32`` (pinned to f32) and
+  ``st-openvino-qint8`` (its static NNCF int8). All load the checkpoint's local files; nothing comes from a model hub. The plain-text peers run on models without instructions (MiniLM).
 Each contender encodes the corpus once to warm up; that pass's vectors are compared with the reference's (a peer
 whose min cosine is below 0.999, 0.99 for int8, is timed but marked ``counted: false``). Then all contenders run in turn,
 ``--repeats`` rounds (the order rotates each round); the figure is the median round.
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", nargs="*", default=list(peers.PEERS), choices=peers.PEERS, metavar="PEER",
                    help=f"peers to run beside ours (none: --peers with no name). Choices and default: {' '.join(peers.PEERS)}")
     p.add_argument("--peer-python", action="append", default=[], metavar="NAME=PATH",
-                   help="interpreter for a peer or a peer venv (st-onnx, fastembed, infinity); default: .venv-peers/NAME/bin/python "
+                   help="interpreter for a peer or a peer venv (st-onnx, fastembed, infinity, openvino); default: .venv-peers/NAME/bin/python "
                         "(bash bench/install_peers.sh), the project's own Python for st-torch. Repeatable")
     p.add_argument("--workdir", type=Path, default=Path("results/bench-work"), help="cache of checkpoints and engines. Default: results/bench-work")
     p.add_argument("--out", type=Path, default=Path("results/throughput.json"), help="JSON results; the PNG goes beside it. Default: results/throughput.json")

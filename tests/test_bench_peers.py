@@ -3,6 +3,7 @@ is skipped with the reason rather than failing the benchmark. No timing is asser
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import numpy as np
@@ -97,7 +98,8 @@ def test_padding_in_input_order():
 
 
 def test_openvino_peers_share_one_venv_and_calibrate_on_the_exporters_texts(tmp_path):
-    assert {"st-openvino", "st-openvino-qint8"} <= set(peers.PEERS) <= set(peers.VENV)
+    assert {"st-openvino", "st-openvino-f32", "st-openvino-qint8"} <= set(peers.PEERS) <= set(peers.VENV)
+    assert {peers.VENV[p] for p in ("st-openvino", "st-openvino-f32", "st-openvino-qint8")} == {"openvino"}
     with pytest.raises(peers.PeerError, match="bash bench/install_peers.sh openvino"):
         peers.python_for("st-openvino-qint8", {}, tmp_path)
     assert peers.PRECISION["st-openvino-qint8"] == "int8" and "st-openvino" in peers.PLAIN_TEXT
@@ -105,3 +107,10 @@ def test_openvino_peers_share_one_venv_and_calibrate_on_the_exporters_texts(tmp_
     assert len(texts) > 50 and all(isinstance(t, str) and t.strip() for t in texts)
     with pytest.raises(peers.PeerError, match="cannot leave the instruction"):
         peers.start("st-openvino", TINY, ["x"], DOC_INSTRUCTION, tmp_path, 1, 4, {})
+
+
+def test_the_worker_answers_for_every_peer_the_bench_offers():
+    spec = importlib.util.spec_from_file_location("peer_worker", peers.WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    assert set(worker.PEERS) == set(peers.PEERS)
