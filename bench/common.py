@@ -1,7 +1,7 @@
 """What the speed benchmarks share: models and engines to compare, the corpus, FLOP counts, the sgemm peak.
 
 Every figure is computed here from something measured or counted in the same run; nothing is a constant from
-elsewhere except the GPU peak tables of ``bench.gpu_steps``.
+elsewhere except the GPU peak tables of ``bench.speed.gpu_steps``.
 """
 
 from __future__ import annotations

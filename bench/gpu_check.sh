@@ -14,12 +14,12 @@
 #   checkpoint 60   random-weight T5-large shape (python -m bench.shapes large)          -> artifacts/ckpt-large
 #   in parallel, 250:
 #     parity        .pt2 fp32/fp16/bf16 of the tiny fixture vs golden vectors, overflow fixture fp16/bf16,
-#                   naive all-fp16 contrast (python -m bench.gpu_parity)                 -> parity.json
+#                   naive all-fp16 contrast (python -m bench.speed.gpu_parity)           -> parity.json
 #     build-*       T5-large .pt2 fp16 and bf16, ONNX fp16 for ORT's CUDA EP, TensorRT .plan fp16; each
-#                   recorded as skipped with the reason where its package is missing (python -m bench.gpu_build)
+#                   recorded as skipped with the reason where its package is missing (python -m bench.speed.gpu_build)
 #                                                                                        -> build-*.json
 #   throughput 140  docs/hour + MFU at 128 and 512 tokens, batch-1 latency at 32 and 128 tokens, against the
-#                   PyTorch fp32 reference (python -m bench.gpu_steps)                   -> throughput.json
+#                   PyTorch fp32 reference (python -m bench.speed.gpu_steps)             -> throughput.json
 set -uo pipefail
 
 DRY_RUN=0
@@ -104,10 +104,10 @@ else
   [[ -f "$CKPT/modules.json" ]] || step checkpoint 60 "$PY" -m bench.shapes large "$CKPT"
 fi
 
-step parity 250 "$PY" -m bench.gpu_parity --out "$DIR/parity.json" --workdir "$DIR/artifacts" --device "$DEVICE" \
+step parity 250 "$PY" -m bench.speed.gpu_parity --out "$DIR/parity.json" --workdir "$DIR/artifacts" --device "$DEVICE" \
   ${PARITY_FLAGS[@]+"${PARITY_FLAGS[@]}"} &
 build() {  # build NAME PRECISION: one engine of the checkpoint, in the background
-  step "build-$1" 250 "$PY" -m bench.gpu_build "$CKPT" "$DIR/artifacts/$SHAPE-$1" --precision "$2" --device "$DEVICE" \
+  step "build-$1" 250 "$PY" -m bench.speed.gpu_build "$CKPT" "$DIR/artifacts/$SHAPE-$1" --precision "$2" --device "$DEVICE" \
     --out "$DIR/build-$1.json" &
 }
 if (( DRY_RUN )); then
@@ -122,7 +122,7 @@ build fp16.plan fp16
 wait
 ENGINES+=(--engine "onnx-fp16=$DIR/artifacts/$SHAPE-fp16.onnx" --engine "plan-fp16=$DIR/artifacts/$SHAPE-fp16.plan")
 
-step throughput 140 "$PY" -m bench.gpu_steps --out "$DIR/throughput.json" --checkpoint "$CKPT" --device "$DEVICE" \
+step throughput 140 "$PY" -m bench.speed.gpu_steps --out "$DIR/throughput.json" --checkpoint "$CKPT" --device "$DEVICE" \
   "${ENGINES[@]}" ${MEASURE_FLAGS[@]+"${MEASURE_FLAGS[@]}"}
 merge
 echo "gpu_check: $(( $(date +%s) - START ))s"

@@ -2,8 +2,8 @@
 # Create one venv per throughput peer under .venv-peers/NAME (git-ignored), for the peers whose pins do not fit
 # the project's .venv (sentence-transformers' ONNX backend needs optimum-onnx, which pins transformers 4.x).
 # Usage: bash bench/install_peers.sh [NAME ...]   (default: st-onnx fastembed infinity openvino)
-# Then:  python -m bench.throughput ... --peer-python st-onnx=.venv-peers/st-onnx/bin/python ...
-# A peer whose install fails is left out; its pip log stays in .venv-peers/NAME.log and bench.throughput reports
+# Then:  python -m bench.speed.throughput ... --peer-python st-onnx=.venv-peers/st-onnx/bin/python ...
+# A peer whose install fails is left out; its pip log stays in .venv-peers/NAME.log and bench.speed.throughput reports
 # the peer as skipped with that reason.
 set -u
 cd "$(dirname "$0")/.."

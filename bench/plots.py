@@ -68,7 +68,7 @@ def latency_chart(report: dict[str, Any], path: Path) -> None:
 
 
 def quality_vs_size_chart(report: dict[str, Any], path: Path) -> None:
-    """nDCG@10 against bytes per vector (log scale), one line per long-text mode (``bench.long_docs``)."""
+    """nDCG@10 against bytes per vector (log scale), one line per long-text mode (``bench.quality.long_docs``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (mode, info) in enumerate(report["modes"].items()):
@@ -88,7 +88,7 @@ def quality_vs_size_chart(report: dict[str, Any], path: Path) -> None:
 
 
 def serve_chart(report: dict[str, Any], path: Path) -> None:
-    """p50 latency against docs/s (``bench.serve``): one line per server and items per request, points labelled N."""
+    """p50 latency against docs/s (``bench.speed.serve``): one line per server and items per request, points labelled N."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"runtime": "-", "naive": "--"}

@@ -32,7 +32,7 @@ _UPLOAD = "nothing is uploaded from here: upload the folder written by trainer.I
 ELSEWHERE = {
     "fit": _TRAIN,
     "smart_batching_collate": _TRAIN,
-    "evaluate": "score with `python -m bench.mteb --engine ENGINE_OR_FOLDER --category sts|retrieval|...|all --data-dir DATA_DIR` (docs/evaluation.md)",
+    "evaluate": "score with `python -m bench.quality.mteb --engine ENGINE_OR_FOLDER --category sts|retrieval|...|all --data-dir DATA_DIR` (docs/evaluation.md)",
     "encode_multi_process": _ENCODE_BIG,
     "start_multi_process_pool": _ENCODE_BIG,
     "stop_multi_process_pool": _ENCODE_BIG,

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from bench.serve import LocalServer, scrape
+from bench.speed.serve import LocalServer, scrape
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def live_server(app: Any) -> Iterator[str]:
 
 
 class ServerProcess(LocalServer):
-    """``python -m runtime.serve`` as a subprocess on a free port of 127.0.0.1 (``bench.serve.LocalServer``)."""
+    """``python -m runtime.serve`` as a subprocess on a free port of 127.0.0.1 (``bench.speed.serve.LocalServer``)."""
 
     def __init__(self, engine: Path, *args: str) -> None:
         port = free_port()

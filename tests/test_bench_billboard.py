@@ -1,4 +1,4 @@
-"""bench.billboard: upstream's scoring on a small slice made here, checked against a direct implementation."""
+"""bench.quality.billboard: upstream's scoring on a small slice made here, checked against a direct implementation."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.billboard.__main__ import main
-from bench.billboard.crosscheck import sentence_transformer, upstream_pearson
-from bench.billboard.data import read_task
-from bench.billboard.score import INSTRUCTIONS, max_ref_cosine
-from bench.datafiles import DataError
+from bench.quality.billboard.__main__ import main
+from bench.quality.billboard.crosscheck import sentence_transformer, upstream_pearson
+from bench.quality.billboard.data import read_task
+from bench.quality.billboard.score import INSTRUCTIONS, max_ref_cosine
+from bench.quality.datafiles import DataError
 
 TINY = Path(__file__).parent / "fixtures" / "instructor-tiny"
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench.common import FALLBACK_CORPUS, FlopModel, flop_model, load_corpus, padded_tokens_sorted, with_instruction, write_json
-from bench.latency import percentiles, texts_of_length
+from bench.speed.latency import percentiles, texts_of_length
 
 
 def test_flop_model_counts_the_tiny_t5_from_its_config(tiny_model):
@@ -106,7 +106,7 @@ def test_throughput_runs_the_fused_and_unfused_engines_with_their_node_counts(tm
     from argparse import Namespace
 
     from bench.common import Workspace
-    from bench.throughput import our_contenders
+    from bench.speed.throughput import our_contenders
     from trainer import InstructorModel
 
     ws = Workspace(tmp_path)

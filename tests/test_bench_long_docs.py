@@ -1,4 +1,4 @@
-"""``bench.long_docs`` end to end on a small BEIR folder made here, and its search helpers against brute force."""
+"""``bench.quality.long_docs`` end to end on a small BEIR folder made here, and its search helpers against brute force."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("mteb")
 
-from bench import long_docs  # noqa: E402
+from bench.quality import long_docs  # noqa: E402
 
 
 def test_hamming_and_top_k_equal_brute_force():

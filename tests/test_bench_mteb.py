@@ -1,4 +1,4 @@
-"""bench.mteb: small end-to-end evaluations through mteb's own evaluators, on shipped samples."""
+"""bench.quality.mteb: small end-to-end evaluations through mteb's own evaluators, on shipped samples."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from scipy.stats import spearmanr
 
 mteb = pytest.importorskip("mteb")
 
-from bench.mteb.__main__ import main  # noqa: E402
-from bench.mteb.categories import averages, categories, dataset_of  # noqa: E402
-from bench.mteb.model import Instructions, instruction_tables  # noqa: E402
-from bench.datafiles import DataError  # noqa: E402
-from bench.mteb.offline import load_tables, offline_task, read_table  # noqa: E402
+from bench.quality.mteb.__main__ import main  # noqa: E402
+from bench.quality.mteb.categories import averages, categories, dataset_of  # noqa: E402
+from bench.quality.mteb.model import Instructions, instruction_tables  # noqa: E402
+from bench.quality.datafiles import DataError  # noqa: E402
+from bench.quality.mteb.offline import load_tables, offline_task, read_table  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"

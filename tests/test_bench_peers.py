@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from bench import peers
+from bench.speed import peers
 from bench.common import DOC_INSTRUCTION, padded_tokens_in_order
 from tests.conftest import TINY
 

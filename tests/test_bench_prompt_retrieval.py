@@ -1,4 +1,4 @@
-"""bench.prompt_retrieval: selection = brute force; the pipeline with a small random-weight LM made here."""
+"""bench.quality.prompt_retrieval: selection = brute force; the pipeline with a small random-weight LM made here."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.datafiles import DataError
-from bench.prompt_retrieval import tasks as task_defs
-from bench.prompt_retrieval.__main__ import main
-from bench.prompt_retrieval.select import Budget, cosine_scores, select
+from bench.quality.datafiles import DataError
+from bench.quality.prompt_retrieval import tasks as task_defs
+from bench.quality.prompt_retrieval.__main__ import main
+from bench.quality.prompt_retrieval.select import Budget, cosine_scores, select
 
 TINY = Path(__file__).parent / "fixtures" / "instructor-tiny"
 
@@ -78,7 +78,7 @@ def write_jsonl_task(folder: Path) -> Path:
 def test_pipeline_with_a_small_random_lm(tmp_path):
     import torch
 
-    from bench.prompt_retrieval.lm import CausalLMScorer
+    from bench.quality.prompt_retrieval.lm import CausalLMScorer
 
     data = write_jsonl_task(tmp_path / "toy")
     lm_dir = make_lm(tmp_path / "lm", [f"{x}\nanswer:\n{y}\n\n\n" for x, y in POOL + TESTS])

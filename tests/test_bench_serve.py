@@ -1,4 +1,4 @@
-"""``python -m bench.serve`` end to end on the tiny engine, in a few seconds: both servers, JSON and PNG, no machine paths."""
+"""``python -m bench.speed.serve`` end to end on the tiny engine, in a few seconds: both servers, JSON and PNG, no machine paths."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("matplotlib")
 
-from bench.serve import main  # noqa: E402
+from bench.speed.serve import main  # noqa: E402
 from tests.serve_support import free_port  # noqa: E402
 
 

@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 from runtime import Encoder  # noqa: E402
 from runtime.serve.app import create_app  # noqa: E402
 from runtime.serve.config import ServeConfig, load_instructions  # noqa: E402
-from bench.serve import scrape  # noqa: E402
+from bench.speed.serve import scrape  # noqa: E402
 from tests.conftest import assert_torch_free  # noqa: E402
 from tests.serve_support import GatedEncoder, live_server, metric  # noqa: E402
 

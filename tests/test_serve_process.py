@@ -15,7 +15,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-from bench.serve import scrape  # noqa: E402
+from bench.speed.serve import scrape  # noqa: E402
 from tests.serve_support import ROOT, ServerProcess, metric  # noqa: E402
 
 

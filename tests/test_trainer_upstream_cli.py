@@ -122,7 +122,7 @@ def test_hugging_face_training_arguments(tmp_path, capsys):
     [
         (["--fp16", "--bf16"], "conflicting precisions: bf16, fp16"),
         (["--gradient_accumulation_steps", "4"], "--gradient_accumulation_steps 4: accumulation would give each micro-batch"),
-        (["--do_eval"], "--do_eval True: no evaluation runs during training: score the saved model with `python -m bench.mteb`"),
+        (["--do_eval"], "--do_eval True: no evaluation runs during training: score the saved model with `python -m bench.quality.mteb`"),
         (["--lr_scheduler_type", "cosine"], "the schedule is linear warmup then linear decay"),
         (["--max_train_samples", "100"], "train on a smaller data file"),
         (["--deepspeed", "ds.json"], "accelerate launch --multi_gpu"),

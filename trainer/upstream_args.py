@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 NEVER_READ = "upstream train.py defines it and never reads it"
-NO_EVAL = "no evaluation runs during training: score the saved model with `python -m bench.mteb`"
+NO_EVAL = "no evaluation runs during training: score the saved model with `python -m bench.quality.mteb`"
 SMALLER_DATA = "train on a smaller data file (e.g. the first rows of medi-data.json) or set --max_steps"
 NO_DOWNLOAD = "nothing is downloaded: --model_name_or_path is a local folder (or a hub name already in --cache_dir)"
 

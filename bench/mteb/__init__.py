@@ -1,1 +1,0 @@
-"""MTEB evaluation of engines and checkpoints with mteb's own evaluators (``python -m bench.mteb --help``)."""

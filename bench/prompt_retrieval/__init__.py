@@ -1,2 +1,0 @@
-"""Prompt retrieval: INSTRUCTOR's demonstration selection for in-context learning (upstream
-``evaluation/prompt_retrieval``), with pluggable causal-LM scoring. ``python -m bench.prompt_retrieval --help``."""

@@ -1,0 +1,96 @@
+"""``python -m bench.quality.billboard``: Billboard correlations of an engine or checkpoint (upstream text_evaluation)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.quality.billboard.data import FOLDERS, read_task
+from bench.quality.billboard.score import TABLES, evaluate_task, instruction_for
+from bench.common import write_json
+from bench.quality.datafiles import DataError
+from bench.quality.encoders import default_table, load_encoder
+
+DESCRIPTION = f"""\
+Billboard, INSTRUCTOR's text-generation evaluation, as upstream evaluation/text_evaluation/main.py scores it:
+every reference and every generated text (hyp) is embedded with the task's instruction; a hypothesis scores
+its maximum cosine over its segment's references; the task's figure is the Pearson correlation of those
+scores with the human judgments (human_score, THumB 1.0).
+
+Engine: an engine file (.onnx / .plan, run by runtime.Encoder) or a checkpoint folder (PyTorch reference).
+Instructions: --instructions-for picks upstream's per-model table ({', '.join(TABLES[1:])});
+'none' encodes plain strings. Default: hkunlp/instructor-large for T5 (INSTRUCTOR) models, none for any other architecture.
+
+Data (--data-dir DATA_DIR): per task, <folder>/<folder>_references.jsonl ({{seg_id, refs: [str]}} per segment)
+and <folder>/<folder>_THumB-1.0.jsonl ({{seg_id, hyp, human_score}} per hypothesis), with folder
+{', '.join(f'{t}={f}' for t, f in FOLDERS.items())}, directly in DATA_DIR or in DATA_DIR/billboard. A task whose
+files are missing is reported as not run (the others still run).
+
+Output (--output-dir): summary.json {{task: {{pearson, p_value, n, segments, references, instruction}}}} (a task
+not run: {{status: "not run", reason}}), summary.md, and run.json (engine, table, batch size).
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.quality.billboard", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", required=True, help="engine file (NAME.onnx / NAME.plan with its sidecars) or a checkpoint folder")
+    p.add_argument("--data-dir", type=Path, required=True, help="DATA_DIR holding the task folders (or DATA_DIR/billboard/...)")
+    p.add_argument("--tasks", nargs="+", default=["mscoco", "cnndm"], choices=list(FOLDERS), help="Billboard tasks. Default: mscoco cnndm")
+    p.add_argument("--instructions-for", choices=TABLES, help="instruction table, or 'none'. Default: by architecture")
+    p.add_argument("--output-dir", type=Path, default=Path("results/billboard"), help="where results go. Default: results/billboard")
+    p.add_argument("--batch-size", type=int, default=32, help="encode batch size. Default: 32")
+    return p.parse_args(argv)
+
+
+def markdown(summary: dict[str, Any], run: dict[str, Any]) -> str:
+    lines = [
+        f"Engine: `{run['engine']}` ({run['kind']}, {run['precision']}), instructions: {run['instructions_for']}",
+        "",
+        "| task | instruction | Pearson x 100 | hypotheses | segments |",
+        "|---|---|---|---|---|",
+    ]
+    for task, row in summary.items():
+        if "pearson" in row:
+            instruction = f"`{row['instruction']}`" if row["instruction"] is not None else "(none)"
+            lines.append(f"| {task} | {instruction} | {100 * row['pearson']:.1f} | {row['n']} | {row['segments']} |")
+        else:
+            lines.append(f"| {task} | | not run: {row['reason']} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tasks, summary = {}, {}
+    for name in args.tasks:
+        try:
+            tasks[name] = read_task(args.data_dir, name)
+        except DataError as exc:
+            print(f"note: {name} not run: {exc}", file=sys.stderr)
+            summary[name] = {"status": "not run", "reason": str(exc)}
+    if not tasks:
+        print("error: no Billboard task has its files (see the notes above)", file=sys.stderr)
+        return 2
+    try:
+        encoder, info = load_encoder(args.engine)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = args.instructions_for or default_table(info.get("architecture"))
+    for name, task in tasks.items():
+        print(f"{name}: {len(task.references)} segments, {len(task.hyps)} hypotheses", file=sys.stderr)
+        summary[name] = evaluate_task(encoder, task, instruction_for(table, name), args.batch_size)
+    summary = {name: summary[name] for name in args.tasks}
+    run = {"engine": str(args.engine), **info, "instructions_for": table, "batch_size": args.batch_size, "data": {n: [str(p) for p in t.files] for n, t in tasks.items()}}
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "summary.json", summary)
+    write_json(out / "run.json", run)
+    (out / "summary.md").write_text(markdown(summary, run), encoding="utf-8")
+    print(markdown(summary, run))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Speed: docs/s and latency of the engines, the server under load, the peers, the GPU steps (docs/benchmarks.md,
+docs/serving.md)."""
