@@ -45,17 +45,28 @@ def test_bench_serve_smoke(tmp_path, tiny_engine, generator):
     assert set(report["targets"]) == {"n1_m1_added_p50_ms"}  # no N=16 cell in this run
 
 
-def test_before_and_after_in_one_run(tmp_path, tiny_engine):
-    """--before-src runs another checkout's server under the same cells (here this checkout, as its own 'before')."""
+def test_before_variant_and_after_in_one_run(tmp_path, tiny_engine):
+    """--before-src runs another checkout's server (here this checkout, as its own 'before') and --variant this
+    server with other options, under the same cells and paired calls, with an offline reading after each server."""
     from tests.serve_support import ROOT
 
     out = tmp_path / "serve.json"
     rc = main(["--engine", str(tiny_engine), "--docs", "10", "--clients", "2", "--items", "1", "--seconds", "0.5", "--warmup", "0",
                "--offline-repeats", "1", "--direct-calls", "2", "--port", str(free_port()), "--out", str(out), "--no-naive",
-               "--load-generator", "python", "--before-src", str(ROOT)])
+               "--load-generator", "python", "--before-src", str(ROOT), "--variant", "replicas2=--replicas 2 --threads 1"])
     assert rc == 0
     report = json.loads(out.read_text())
-    assert set(report["servers"]) == {"runtime", "before"}
-    before = report["servers"]["before"]
-    assert before["exit_code"] == 0 and before["cells"][0]["status_2xx"] > 0 and "server_mean_batch_rows" in before["cells"][0]
+    assert list(report["servers"]) == ["runtime", "replicas2", "before"]
+    for name, server in report["servers"].items():
+        assert server["exit_code"] == 0 and server["cells"][0]["status_2xx"] > 0 and "server_mean_batch_rows" in server["cells"][0]
+        assert server["paired_single_item"]["calls"] == 2 and server["offline_docs_per_s_after"] > 0
+    assert report["servers"]["replicas2"]["command"].endswith("--replicas 2 --threads 1")
+    rates = [report["offline"]["docs_per_s_at_start"], *(s["offline_docs_per_s_after"] for s in report["servers"].values())]
+    assert report["offline"]["docs_per_s"] == max(rates) and report["offline"]["docs_per_s_at_end"] == rates[-1]
     assert report["settings"]["before_src"] == "BEFORE_SRC"
+
+
+@pytest.mark.parametrize("spec", ["replicas2", "runtime=--replicas 2", "two words=--replicas 2"])
+def test_a_variant_needs_a_new_one_word_name(spec):
+    with pytest.raises(SystemExit, match="NAME=ARGS"):
+        main(["--engine", "x.onnx", "--variant", spec])

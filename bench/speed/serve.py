@@ -8,8 +8,11 @@ In one run, on one engine and one corpus:
    call with direct single-item ``Encoder.encode`` calls (the latency the server adds, both under the same load),
    then ``--load-generator`` (wrk by default, a process of its own: ``bench.speed.load_generators``) with N connections
    sending requests of M corpus texts, for every N in ``--clients`` and M in ``--items``;
-3. with ``--before-src DIR`` (a checkout of an earlier version, e.g. ``git worktree add DIR COMMIT``), that
-   version's ``python -m runtime.serve`` under the same cells: before and after on the same machine in one run;
+3. each ``--variant NAME=ARGS`` (the server with other options, e.g. ``--replicas 2``) and, with ``--before-src
+   DIR`` (a checkout of an earlier version, e.g. ``git worktree add DIR COMMIT``), that version's ``python -m
+   runtime.serve``: the same paired calls and cells, on the same machine in one run. Servers run one after the
+   other (an old server may still be computing abandoned requests when its cells end), so after each the offline
+   pass runs again: the paired calls and these readings show how much the machine itself moved;
 4. the same cells against ``python -m bench.speed.serve_naive`` (FastAPI + the PyTorch reference model, each request
    encoded on its own), unless ``--no-naive``.
 Each cell runs ``--warmup`` seconds, then ``--seconds`` measured: docs/s counts the texts of requests answered
@@ -61,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="single-item calls, direct and to the server alternately, for the added latency. Default: 200")
     p.add_argument("--threads", type=int, default=0, help="engine/torch threads for every contender (0: all cores). Default: 0")
     p.add_argument("--server-args", default="", help="extra arguments for python -m runtime.serve, e.g. '--max-wait-ms 2'")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                   help="another configuration of this server, its cells in the same run: NAME=ARGS adds python -m runtime.serve "
+                   "with --server-args and then ARGS (e.g. replicas2='--replicas 2 --threads 1'). Repeatable")
     p.add_argument("--no-naive", action="store_true", help="leave the naive FastAPI + PyTorch server out")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as a transport error. Default: 60")
     p.add_argument("--port", type=int, default=18080, help="port of the servers on 127.0.0.1. Default: 18080")
@@ -242,6 +248,17 @@ def _portable(words: list[str], args: argparse.Namespace) -> list[str]:
     return out
 
 
+def variants(specs: list[str]) -> list[tuple[str, str]]:
+    """``--variant NAME=ARGS`` as (name, args); the names must be new, one word each."""
+    out = []
+    for spec in specs:
+        name, eq, extra = spec.partition("=")
+        if not eq or not name.isidentifier() or name in ("runtime", "before", "naive") or name in dict(out):
+            raise SystemExit(f"--variant {spec!r}: expected NAME=ARGS with a new one-word NAME (not runtime, before or naive)")
+        out.append((name, extra))
+    return out
+
+
 def targets(report: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets on the runtime server's cells (module doc), and every server's share of offline docs/s."""
     offline_rate = report["offline"]["docs_per_s"]
@@ -267,6 +284,7 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    extra_servers = variants(args.variant)
     env = environment()
     docs, corpus_note = load_corpus(args.data, args.docs, args.seed)
     from runtime.bundle import load_manifest
@@ -276,24 +294,28 @@ def main(argv: list[str] | None = None) -> int:
     from runtime import Encoder
 
     opts = {"intra_op_threads": args.threads} if args.threads else {}
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    cmd = [sys.executable, "-m", "runtime.serve", "--engine", str(args.engine.resolve()), "--port", str(args.port),
+           "--log-level", "warning", *threads, *args.server_args.split()]
+    ours = [("runtime", cmd, None), *((name, cmd + extra.split(), None) for name, extra in extra_servers)]
+    if args.before_src is not None:
+        ours.append(("before", cmd, args.before_src.resolve()))
+    servers: dict[str, Any] = {}
     with Encoder(args.engine, **opts) as enc:
         off = offline(enc, items, args)
         print(f"offline: {off['docs_per_s']:.1f} docs/s, single-item call p50 {off['direct_single_p50_ms']:.2f} ms", file=sys.stderr)
         source = (enc.manifest.data.get("source") or {}).get("checkpoint")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        threads = ["--threads", str(args.threads)] if args.threads else []
-        servers: dict[str, Any] = {}
-        cmd = [sys.executable, "-m", "runtime.serve", "--engine", str(args.engine.resolve()), "--port", str(args.port),
-               "--log-level", "warning", *threads, *args.server_args.split()]
-        servers["runtime"] = run_server("runtime", cmd, items, args, args.out.with_suffix(".runtime.log"),
-                                        first=lambda url: paired_single(url, enc, items, args.direct_calls))
-    if args.before_src is not None:
-        servers["before"] = run_server("before", cmd, items, args, args.out.with_suffix(".before.log"), src=args.before_src.resolve())
-    with Encoder(args.engine, **opts) as enc:  # offline again, after the runtime servers: the machine may have changed
-        again = len(items) / statistics.median(corpus_passes(enc, items, args.offline_repeats))
-    off["docs_per_s_at_start"], off["docs_per_s_at_end"] = off["docs_per_s"], again
-    off["docs_per_s"] = max(off["docs_per_s"], again)  # the higher of the two: shares are not flattered by a noisy pass
-    print(f"offline again: {again:.1f} docs/s; shares are of {off['docs_per_s']:.1f}", file=sys.stderr)
+        rates = [off["docs_per_s"]]
+        for name, server_cmd, src in ours:  # each with the paired single-item calls, all beside the same direct encoder
+            servers[name] = run_server(name, server_cmd, items, args, args.out.with_suffix(f".{name}.log"),
+                                       first=lambda url: paired_single(url, enc, items, args.direct_calls), src=src)
+            rates.append(len(items) / statistics.median(corpus_passes(enc, items, args.offline_repeats)))
+            servers[name]["offline_docs_per_s_after"] = rates[-1]  # the machine may have changed between servers
+            print(f"offline after {name}: {rates[-1]:.1f} docs/s", file=sys.stderr)
+    off["docs_per_s_at_start"], off["docs_per_s_at_end"] = rates[0], rates[-1]
+    off["docs_per_s"] = max(rates)  # the highest reading: shares are not flattered by a noisy pass
+    print(f"shares are of {off['docs_per_s']:.1f} docs/s offline", file=sys.stderr)
     args.checkpoint = args.checkpoint or (Path(source) if source else None)
     checkpoint = args.checkpoint
     if not args.no_naive:
