@@ -47,22 +47,27 @@ def test_bench_serve_smoke(tmp_path, tiny_engine, generator):
 
 def test_before_variant_and_after_in_one_run(tmp_path, tiny_engine):
     """--before-src runs another checkout's server (here this checkout, as its own 'before') and --variant this
-    server with other options, under the same cells and paired calls, with an offline reading after each server."""
+    server with other options, under the same cells and paired calls, with an offline reading after each server;
+    --rounds 2 runs that sequence twice, each cell from its median round."""
     from tests.serve_support import ROOT
 
     out = tmp_path / "serve.json"
     rc = main(["--engine", str(tiny_engine), "--docs", "10", "--clients", "2", "--items", "1", "--seconds", "0.5", "--warmup", "0",
                "--offline-repeats", "1", "--direct-calls", "2", "--port", str(free_port()), "--out", str(out), "--no-naive",
-               "--load-generator", "python", "--before-src", str(ROOT), "--variant", "replicas2=--replicas 2 --threads 1"])
+               "--load-generator", "python", "--before-src", str(ROOT), "--variant", "replicas2=--replicas 2 --threads 1",
+               "--rounds", "2"])
     assert rc == 0
     report = json.loads(out.read_text())
     assert list(report["servers"]) == ["runtime", "replicas2", "before"]
     for name, server in report["servers"].items():
         assert server["exit_code"] == 0 and server["cells"][0]["status_2xx"] > 0 and "server_mean_batch_rows" in server["cells"][0]
-        assert server["paired_single_item"]["calls"] == 2 and server["offline_docs_per_s_after"] > 0
+        assert server["paired_single_item"]["calls"] == 2 and len(server["paired_single_item"]["added_p50_ms_rounds"]) == 2
+        assert server["exit_codes"] == [0, 0] and len(server["offline_docs_per_s_after"]) == 2
+        cell = server["cells"][0]
+        assert len(cell["docs_per_s_rounds"]) == 2 and cell["docs_per_s"] == min(cell["docs_per_s_rounds"])  # lower middle of 2
     assert report["servers"]["replicas2"]["command"].endswith("--replicas 2 --threads 1")
-    rates = [report["offline"]["docs_per_s_at_start"], *(s["offline_docs_per_s_after"] for s in report["servers"].values())]
-    assert report["offline"]["docs_per_s"] == max(rates) and report["offline"]["docs_per_s_at_end"] == rates[-1]
+    rates = [report["offline"]["docs_per_s_at_start"], *(r for s in report["servers"].values() for r in s["offline_docs_per_s_after"])]
+    assert report["offline"]["docs_per_s"] == max(rates) and report["offline"]["docs_per_s_at_end"] == report["servers"]["before"]["offline_docs_per_s_after"][-1]
     assert report["settings"]["before_src"] == "BEFORE_SRC"
 
 

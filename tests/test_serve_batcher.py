@@ -35,6 +35,14 @@ def make(enc, **kw) -> Batcher:
     return b
 
 
+def wait_idle(b: Batcher, engines: int) -> None:
+    """Until ``engines`` engine threads wait for work (just after ``start`` they may not have reached the queue)."""
+    deadline = time.monotonic() + 10
+    while b._idle < engines and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b._idle == engines
+
+
 def test_vectors_equal_golden_under_concurrency(encoder, golden_inputs, golden_vectors):
     """Requests of 1..17 mixed items from 8 threads: every row equals InstructorEmbedding 1.0.1's vector."""
     b = make(encoder, max_batch_size=8, max_wait_ms=2)
@@ -153,7 +161,8 @@ def test_several_engines_behind_one_batcher(encoder, tiny_engine, golden_inputs,
     other = Encoder(tiny_engine, intra_op_threads=1)
     first, second = GatedEncoder(encoder), GatedEncoder(other)
     b = make([first, second], max_batch_size=4, max_wait_ms=0)
-    first.gate.clear()  # the first engine holds its pool, so the second must take the next ones
+    wait_idle(b, 2)
+    first.gate.clear()  # the first engine holds its half of the first job, so the second must take the next ones
     held = b.submit(encoder.tokenizer.encode(golden_inputs[:4]))
     assert first.entered.wait(10)
     rest = [b.submit(encoder.tokenizer.encode(golden_inputs[i : i + 4])) for i in range(4, 16, 4)]
@@ -163,4 +172,23 @@ def test_several_engines_behind_one_batcher(encoder, tiny_engine, golden_inputs,
     b.close()
     other.close()
     np.testing.assert_allclose(np.concatenate(done), golden_vectors[4:16], atol=1e-5)
-    assert first.pools == [4] and second.pools == [4, 4, 4]
+    assert first.pools == [2] and second.pools == [2, 4, 4, 4]  # the first job shared out between the idle engines
+
+
+def test_idle_engines_share_the_queue(encoder, tiny_engine, golden_inputs, golden_vectors):
+    """16 rows waiting and two idle engines: 8 rows each (one engine taking all 16 would leave the other idle, as
+    with 16 closed-loop clients of one item); both pools run at once, and the rows are the reference's vectors."""
+    other = Encoder(tiny_engine, intra_op_threads=1)
+    first, second = GatedEncoder(encoder), GatedEncoder(other)
+    first.gate.clear()
+    second.gate.clear()  # neither pool finishes before both are taken
+    b = make([first, second], max_batch_size=16, max_wait_ms=0)
+    wait_idle(b, 2)
+    job = b.submit(encoder.tokenizer.encode(golden_inputs[:16]))
+    assert first.entered.wait(10) and second.entered.wait(10)
+    first.gate.set()
+    second.gate.set()
+    np.testing.assert_allclose(job.future.result(timeout=30), golden_vectors[:16], atol=1e-5)
+    b.close()
+    other.close()
+    assert first.pools == [8] and second.pools == [8]

@@ -12,7 +12,8 @@ In one run, on one engine and one corpus:
    DIR`` (a checkout of an earlier version, e.g. ``git worktree add DIR COMMIT``), that version's ``python -m
    runtime.serve``: the same paired calls and cells, on the same machine in one run. Servers run one after the
    other (an old server may still be computing abandoned requests when its cells end), so after each the offline
-   pass runs again: the paired calls and these readings show how much the machine itself moved;
+   pass runs again: the paired calls and these readings show how much the machine itself moved. ``--rounds R``
+   runs that sequence R times, each cell reported as its median round (every round's docs/s beside it);
 4. the same cells against ``python -m bench.speed.serve_naive`` (FastAPI + the PyTorch reference model, each request
    encoded on its own), unless ``--no-naive``.
 Each cell runs ``--warmup`` seconds, then ``--seconds`` measured: docs/s counts the texts of requests answered
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--items", type=int, nargs="+", default=[1, 32], help="texts per request M. Default: 1 32")
     p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per cell. Default: 8")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each cell. Default: 2")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="times the whole sequence of our servers runs (each started afresh); each cell reports its median "
+                   "round, with every round's docs/s beside it. Default: 1")
     p.add_argument("--offline-repeats", type=int, default=3, help="offline passes over the corpus (median). Default: 3")
     p.add_argument("--direct-calls", type=int, default=200,
                    help="single-item calls, direct and to the server alternately, for the added latency. Default: 200")
@@ -248,6 +252,25 @@ def _portable(words: list[str], args: argparse.Namespace) -> list[str]:
     return out
 
 
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's rounds as one: each cell (and the paired calls) from its median round by docs/s (by added
+    p50), every round's figure beside it; the highest peak RSS, every exit code, every offline reading."""
+    def median_of(entries: list[dict[str, Any]], key: str) -> dict[str, Any]:
+        return sorted(entries, key=lambda e: e[key] or 0.0)[(len(entries) - 1) // 2]
+
+    out = dict(rounds[0])
+    out["cells"] = [{**median_of(list(cells), "docs_per_s"), "docs_per_s_rounds": [c["docs_per_s"] for c in cells]}
+                    for cells in zip(*(r["cells"] for r in rounds))]
+    pairs = [r["paired_single_item"] for r in rounds if "paired_single_item" in r]
+    if pairs:
+        out["paired_single_item"] = {**median_of(pairs, "added_p50_ms"), "added_p50_ms_rounds": [p["added_p50_ms"] for p in pairs]}
+    out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in rounds)
+    out["exit_code"] = next((r["exit_code"] for r in rounds if r["exit_code"] != 0), 0)
+    out["exit_codes"] = [r["exit_code"] for r in rounds]
+    out["offline_docs_per_s_after"] = [r["offline_docs_per_s_after"] for r in rounds]
+    return out
+
+
 def variants(specs: list[str]) -> list[tuple[str, str]]:
     """``--variant NAME=ARGS`` as (name, args); the names must be new, one word each."""
     out = []
@@ -300,19 +323,22 @@ def main(argv: list[str] | None = None) -> int:
     ours = [("runtime", cmd, None), *((name, cmd + extra.split(), None) for name, extra in extra_servers)]
     if args.before_src is not None:
         ours.append(("before", cmd, args.before_src.resolve()))
-    servers: dict[str, Any] = {}
     with Encoder(args.engine, **opts) as enc:
         off = offline(enc, items, args)
         print(f"offline: {off['docs_per_s']:.1f} docs/s, single-item call p50 {off['direct_single_p50_ms']:.2f} ms", file=sys.stderr)
         source = (enc.manifest.data.get("source") or {}).get("checkpoint")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         rates = [off["docs_per_s"]]
-        for name, server_cmd, src in ours:  # each with the paired single-item calls, all beside the same direct encoder
-            servers[name] = run_server(name, server_cmd, items, args, args.out.with_suffix(f".{name}.log"),
-                                       first=lambda url: paired_single(url, enc, items, args.direct_calls), src=src)
-            rates.append(len(items) / statistics.median(corpus_passes(enc, items, args.offline_repeats)))
-            servers[name]["offline_docs_per_s_after"] = rates[-1]  # the machine may have changed between servers
-            print(f"offline after {name}: {rates[-1]:.1f} docs/s", file=sys.stderr)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in ours}
+        for r in range(args.rounds):
+            for name, server_cmd, src in ours:  # each with the paired single-item calls, all beside the same direct encoder
+                run = run_server(name, server_cmd, items, args, args.out.with_suffix(f".{name}.log"),
+                                 first=lambda url: paired_single(url, enc, items, args.direct_calls), src=src)
+                rates.append(len(items) / statistics.median(corpus_passes(enc, items, args.offline_repeats)))
+                run["offline_docs_per_s_after"] = rates[-1]  # the machine may have changed between servers
+                runs[name].append(run)
+                print(f"round {r + 1}/{args.rounds}: offline after {name}: {rates[-1]:.1f} docs/s", file=sys.stderr)
+        servers: dict[str, Any] = {name: median_round(rounds) for name, rounds in runs.items()}
     off["docs_per_s_at_start"], off["docs_per_s_at_end"] = rates[0], rates[-1]
     off["docs_per_s"] = max(rates)  # the highest reading: shares are not flattered by a noisy pass
     print(f"shares are of {off['docs_per_s']:.1f} docs/s offline", file=sys.stderr)

@@ -9,7 +9,9 @@ is answered when its last row is done.
 - Pool: at most ``max_batch_size`` rows and ``max_batch_tokens`` real tokens (one row always fits). Jobs are taken
   first come, first served, but in a first pass each job gives at most half a pool; the rest of the pool is then
   filled in the same order. So a 1,000-item request takes about half of every pool while others wait, and a 1-item
-  request behind it is in the next pool: neither starves.
+  request behind it is in the next pool: neither starves. With several engines, a pool is at most the waiting rows
+  shared out among the engines that are waiting for work, so that one does not take all 16 rows of 16 clients while
+  another idles.
 - Waiting: a pool starts at once when it is full. Otherwise the thread waits for more rows only while more are on
   their way (a request is being read or tokenized, or fewer requests wait than took part in the previous pool),
   and never longer than ``max_wait_ms`` after the oldest waiting job arrived. A lone client thus never waits, and
@@ -114,6 +116,7 @@ class Batcher:
         self._queued_rows = 0
         self._queued_tokens = 0
         self._arriving = 0
+        self._idle = 0  # engine threads waiting for a pool
         self._last_pool_jobs = 0
         self._rates = [0.0] * len(self.encoders)  # tokens/s of each engine (moving average)
         self._stopping = False
@@ -206,19 +209,23 @@ class Batcher:
 
     def _next_pool(self) -> _Pool | None:
         with self._cond:
-            while not self._pending and not self._stopping:
-                self._cond.wait()
-            if not self._pending:
-                return None
-            deadline = self._pending[0].enqueued + self.max_wait
-            while not self._stopping and not self._full() and self._more_coming():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            if not self._pending:  # every waiting job was cancelled meanwhile
-                return _Pool()
-            return self._take()
+            self._idle += 1
+            try:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:
+                    return None
+                deadline = self._pending[0].enqueued + self.max_wait
+                while not self._stopping and not self._full() and self._more_coming():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if not self._pending:  # every waiting job was cancelled meanwhile
+                    return _Pool()
+                return self._take()
+            finally:
+                self._idle -= 1
 
     def _full(self) -> bool:
         return self._queued_rows >= self.max_rows or self._queued_tokens >= self.max_batch_tokens
@@ -227,15 +234,18 @@ class Batcher:
         return self._arriving > 0 or len(self._pending) < self._last_pool_jobs
 
     def _take(self) -> _Pool:
-        """Rows for one pool: first come, first served, each job at most half a pool in the first pass."""
+        """Rows for one pool: first come, first served, each job at most half a pool in the first pass. Where other
+        engines wait too, the queue is shared out among them (16 waiting rows and 2 idle engines: 8 rows each), so
+        that one engine does not take everything while another idles."""
+        limit = min(self.max_rows, max(1, math.ceil(self._queued_rows / self._idle)))
         spans: dict[Job, list[int]] = {}
         rows = tokens = 0
-        for cap in (max(1, self.max_rows // 2), self.max_rows):
+        for cap in (max(1, limit // 2), limit):
             for job in self._pending:
-                if rows >= self.max_rows:
+                if rows >= limit:
                     break
                 span = spans.setdefault(job, [job.next_row, job.next_row])
-                while span[1] < job.rows and span[1] - span[0] < cap and rows < self.max_rows:
+                while span[1] < job.rows and span[1] - span[0] < cap and rows < limit:
                     length = int(job.lengths[span[1]])
                     if rows and tokens + length > self.max_batch_tokens:
                         break
@@ -257,6 +267,8 @@ class Batcher:
         self._queued_tokens -= tokens
         self._last_pool_jobs = len(pool.spans)
         self._publish_queue()
+        if self._pending and self._idle > 1:  # the rest is for the other waiting engines: now, not at their deadline
+            self._cond.notify_all()
         return pool
 
     def _run(self, engine: int, pool: _Pool) -> None:
