@@ -62,7 +62,15 @@ def load_corpus(paths: Sequence[str | Path] | None, n_docs: int, seed: int = 0) 
         return [FALLBACK_CORPUS[i % len(FALLBACK_CORPUS)] for i in range(n_docs)], "built-in fallback corpus"
     rng = random.Random(seed)
     docs = rng.sample(pool, n_docs) if n_docs <= len(pool) else [rng.choice(pool) for _ in range(n_docs)]
-    return docs, f"{n_docs} of {len(pool)} texts from {', '.join(map(str, paths or []))} (seed {seed})"
+    return docs, f"{n_docs} of {len(pool)} texts from {', '.join(source_names(paths or []))} (seed {seed})"
+
+
+def source_names(paths: Sequence[str | Path]) -> list[str]:
+    """The corpus sources as a result names them: a data folder by its role (``DATA_DIR``, or ``DATA_DIR0``... for
+    several), a file by its name; where the data sat on the measuring machine means nothing to a reader."""
+    folders = [p for p in map(Path, paths) if p.is_dir()]
+    roles = {p: "DATA_DIR" if len(folders) == 1 else f"DATA_DIR{i}" for i, p in enumerate(folders)}
+    return [roles.get(p, p.name) for p in map(Path, paths)]
 
 
 def _read_texts(path: Path) -> list[str]:

@@ -124,3 +124,16 @@ def test_throughput_runs_the_fused_and_unfused_engines_with_their_node_counts(tm
         assert np.abs(contenders[name].warm() - ref).max() <= 1e-5
     with pytest.raises(ValueError, match="unknown variant"):
         our_contenders("tiny", ws, items, Namespace(precisions=["fp32-fast"], batch_size=2, threads=1), tiny_model)
+
+
+def test_the_corpus_note_names_data_folders_by_role(tmp_path):
+    from bench.common import load_corpus
+
+    folder = tmp_path / "where" / "the" / "data"
+    (folder / "sts" / "b").mkdir(parents=True)
+    (folder / "sts" / "b" / "test.jsonl").write_text('{"sentence1": "a cat", "sentence2": "a dog"}\n')
+    extra = tmp_path / "more.txt"
+    extra.write_text("one\ntwo\n")
+    docs, note = load_corpus([folder, extra], 3, seed=0)
+    assert len(docs) == 3 and note == "3 of 4 texts from DATA_DIR, more.txt (seed 0)"
+    assert str(tmp_path) not in note
