@@ -75,3 +75,9 @@ def test_before_variant_and_after_in_one_run(tmp_path, tiny_engine):
 def test_a_variant_needs_a_new_one_word_name(spec):
     with pytest.raises(SystemExit, match="NAME=ARGS"):
         main(["--engine", "x.onnx", "--variant", spec])
+
+
+def test_rounds_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["--engine", "x.onnx", "--rounds", "0"])
+    assert "--rounds must be >= 1" in capsys.readouterr().err

@@ -76,7 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=18080, help="port of the servers on 127.0.0.1. Default: 18080")
     p.add_argument("--out", type=Path, default=Path("results/serve.json"), help="JSON results; the PNG goes beside it. Default: results/serve.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus sample. Default: 0")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
+    return args
 
 
 # -- servers as subprocesses -----------------------------------------------------------------------------------------
