@@ -221,6 +221,40 @@ def test_429_with_retry_after_when_queue_is_full(tiny_engine, encoder):
         assert httpx.get(f"{url}/health").status_code == 200
 
 
+def test_429_before_parsing_when_the_body_cannot_fit(tiny_engine):
+    """The queue has room, but not for as many tokens as a body of this size holds (the measured tokens per byte of
+    earlier bodies): 429 before the body is parsed. A small body still gets parsed (here: 400 for bad JSON)."""
+    gated = GatedEncoder(Encoder(tiny_engine))
+    app = create_app(ServeConfig(engine=tiny_engine, max_queue_tokens=64, max_wait_ms=0), opener=lambda: [gated])
+    with live_server(app) as url:
+        gated.entered.clear()
+        gated.gate.clear()
+        results: dict[str, httpx.Response] = {}
+
+        def post(name: str, text: str) -> None:
+            results[name] = httpx.post(f"{url}/v1/embeddings", json={"input": [text]}, timeout=30)
+
+        first = threading.Thread(target=post, args=("first", "held at the engine"))
+        first.start()
+        assert gated.entered.wait(10)
+        second = threading.Thread(target=post, args=("second", "waits in the queue"))
+        second.start()
+        for _ in range(500):
+            if metric(url, "instructor_queue_items") == 1:
+                break
+            threading.Event().wait(0.01)
+        assert 0 < metric(url, "instructor_queue_tokens") < 64
+        big = b'{"input": ["' + b"many words " * 200 + b'"' + b"not json"
+        assert httpx.post(f"{url}/v1/embeddings", content=big, headers={"content-type": "application/json"}).status_code == 429
+        small = httpx.post(f"{url}/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
+        assert small.status_code == 400
+        gated.gate.set()
+        first.join(30)
+        second.join(30)
+        assert results["first"].status_code == 200 and results["second"].status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
 def test_instructions_file_errors(tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(NAMED))

@@ -76,6 +76,7 @@ class Service:
         self.state = "loading"  # -> "ready" -> "draining" -> "stopped"
         self.in_flight = 0
         self.ranges: np.ndarray | None = None  # int8/uint8 ranges (--int8-ranges)
+        self.tokens_per_byte = 0.0  # of the bodies tokenized so far (moving average): a body's tokens before parsing it
 
     # -- life --------------------------------------------------------------------------------------------------------
 
@@ -173,8 +174,8 @@ class Service:
             if self.in_flight >= self.config.max_concurrent_requests:
                 raise ApiError(429, f"{self.in_flight} requests in progress (limit {self.config.max_concurrent_requests}, "
                                "--max-concurrent-requests); retry later", "too_many_requests", headers={"Retry-After": "1"})
-            try:
-                self.batcher.check_room()
+            try:  # refused before parsing if the queue has no room for about as many tokens as this body holds
+                self.batcher.check_room(int(len(body) * self.tokens_per_byte))
             except QueueFull as exc:
                 raise _queue_full(exc) from exc
             self.in_flight += 1
@@ -221,6 +222,8 @@ class Service:
                            "(the corpus run's OUTPUT.ranges.npy, so that queries are quantized as the corpus was)",
                            "invalid_value", "embedding_type")
         encoded = self._tokenize(req.items)
+        ratio = float(encoded.lengths.sum()) / max(len(body), 1)
+        self.tokens_per_byte = 0.9 * self.tokens_per_byte + 0.1 * ratio if self.tokens_per_byte else ratio
         if not req.truncate and self.encoder.long_text == "truncate" and encoded.truncated.any():
             i = int(np.flatnonzero(encoded.truncated)[0])
             raise ApiError(413, f"inputs[{i}] is longer than the model's max_seq_length of {self.encoder.max_seq_length} tokens "

@@ -174,12 +174,14 @@ class Batcher:
             self._cond.notify_all()
         return job
 
-    def check_room(self) -> None:
-        """Raise ``QueueFull`` if the queue is already at ``max_queue_tokens``: lets a request be refused before its
-        body is parsed and tokenized, so that a flood of refusals does not take the engines' cores."""
+    def check_room(self, tokens: int = 0) -> None:
+        """Raise ``QueueFull`` if the queue is at ``max_queue_tokens``, or is not empty and has no room for about
+        ``tokens`` more (an estimate from the body's size): lets a request be refused before its body is parsed and
+        tokenized, so that a flood of refusals does not take the engines' cores (``submit`` still checks exactly)."""
         with self._cond:
-            if self._queued_tokens >= self.max_queue_tokens:
-                raise QueueFull(self._queued_tokens, self.max_queue_tokens, self._retry_after())
+            queued = self._queued_tokens
+            if queued >= self.max_queue_tokens or (queued and queued + tokens > self.max_queue_tokens):
+                raise QueueFull(queued, self.max_queue_tokens, self._retry_after())
 
     def cancel(self, job: Job) -> None:
         """Drop the rows of ``job`` that no pool has taken (its client has gone); its future is never set."""
