@@ -6,6 +6,8 @@ import json
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -188,37 +190,43 @@ def test_api_key(tiny_engine):
         assert metric(url, "instructor_requests_total", headers=auth, endpoint="/v1/embeddings", status="401") == 4
 
 
+@contextmanager
+def one_running_one_queued(url: str, gated: GatedEncoder) -> Iterator[None]:
+    """A request held at the engine and a second waiting in the queue; on exit both are let through and answered 200."""
+    gated.entered.clear()
+    gated.gate.clear()
+    results: dict[str, httpx.Response] = {}
+
+    def post(name: str, text: str) -> None:
+        results[name] = httpx.post(f"{url}/v1/embeddings", json={"input": [text]}, timeout=30)
+
+    first = threading.Thread(target=post, args=("first", "held at the engine"))
+    first.start()
+    assert gated.entered.wait(10)
+    second = threading.Thread(target=post, args=("second", "waits in the queue"))
+    second.start()
+    for _ in range(500):
+        if metric(url, "instructor_queue_items") == 1:
+            break
+        threading.Event().wait(0.01)
+    yield
+    gated.gate.set()
+    first.join(30)
+    second.join(30)
+    assert results["first"].status_code == 200 and results["second"].status_code == 200
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
 def test_429_with_retry_after_when_queue_is_full(tiny_engine, encoder):
     """A request runs (held at the engine), a second is queued, a third passes --max-queue-tokens: 429."""
     gated = GatedEncoder(Encoder(tiny_engine))
     app = create_app(ServeConfig(engine=tiny_engine, max_queue_tokens=4, max_wait_ms=0), opener=lambda: [gated])
-    with live_server(app) as url:
-        gated.entered.clear()
-        gated.gate.clear()
-        results: dict[str, httpx.Response] = {}
-
-        def post(name: str, text: str) -> None:
-            results[name] = httpx.post(f"{url}/v1/embeddings", json={"input": [text]}, timeout=30)
-
-        first = threading.Thread(target=post, args=("first", "held at the engine"))
-        first.start()
-        assert gated.entered.wait(10)
-        second = threading.Thread(target=post, args=("second", "waits in the queue"))
-        second.start()
-        for _ in range(500):
-            if metric(url, "instructor_queue_items") == 1:
-                break
-            threading.Event().wait(0.01)
+    with live_server(app) as url, one_running_one_queued(url, gated):
         third = httpx.post(f"{url}/v1/embeddings", json={"input": ["refused"]})
         assert third.status_code == 429
         assert int(third.headers["retry-after"]) >= 1 and third.json()["error"]["code"] == "queue_full"
         unparsed = httpx.post(f"{url}/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
         assert unparsed.status_code == 429  # refused before its body is parsed or tokenized: refusals stay cheap
-        gated.gate.set()
-        first.join(30)
-        second.join(30)
-        assert results["first"].status_code == 200 and results["second"].status_code == 200
-        assert httpx.get(f"{url}/health").status_code == 200
 
 
 def test_429_before_parsing_when_the_body_cannot_fit(tiny_engine):
@@ -226,33 +234,12 @@ def test_429_before_parsing_when_the_body_cannot_fit(tiny_engine):
     earlier bodies): 429 before the body is parsed. A small body still gets parsed (here: 400 for bad JSON)."""
     gated = GatedEncoder(Encoder(tiny_engine))
     app = create_app(ServeConfig(engine=tiny_engine, max_queue_tokens=64, max_wait_ms=0), opener=lambda: [gated])
-    with live_server(app) as url:
-        gated.entered.clear()
-        gated.gate.clear()
-        results: dict[str, httpx.Response] = {}
-
-        def post(name: str, text: str) -> None:
-            results[name] = httpx.post(f"{url}/v1/embeddings", json={"input": [text]}, timeout=30)
-
-        first = threading.Thread(target=post, args=("first", "held at the engine"))
-        first.start()
-        assert gated.entered.wait(10)
-        second = threading.Thread(target=post, args=("second", "waits in the queue"))
-        second.start()
-        for _ in range(500):
-            if metric(url, "instructor_queue_items") == 1:
-                break
-            threading.Event().wait(0.01)
+    with live_server(app) as url, one_running_one_queued(url, gated):
         assert 0 < metric(url, "instructor_queue_tokens") < 64
         big = b'{"input": ["' + b"many words " * 200 + b'"' + b"not json"
         assert httpx.post(f"{url}/v1/embeddings", content=big, headers={"content-type": "application/json"}).status_code == 429
         small = httpx.post(f"{url}/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
         assert small.status_code == 400
-        gated.gate.set()
-        first.join(30)
-        second.join(30)
-        assert results["first"].status_code == 200 and results["second"].status_code == 200
-        assert httpx.get(f"{url}/health").status_code == 200
 
 
 def test_instructions_file_errors(tmp_path):
