@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator
@@ -218,22 +219,55 @@ def one_running_one_queued(url: str, gated: GatedEncoder) -> Iterator[None]:
 
 
 def test_429_with_retry_after_when_queue_is_full(tiny_engine, encoder):
-    """A request runs (held at the engine), a second is queued, a third passes --max-queue-tokens: 429."""
+    """A request runs (held at the engine), a second is queued, a third passes --max-queue-tokens: it waits for room
+    --queue-timeout seconds, then 429, before its body is parsed (so refusals stay cheap)."""
     gated = GatedEncoder(Encoder(tiny_engine))
-    app = create_app(ServeConfig(engine=tiny_engine, max_queue_tokens=4, max_wait_ms=0), opener=lambda: [gated])
+    app = create_app(ServeConfig(engine=tiny_engine, max_queue_tokens=4, max_wait_ms=0, queue_timeout=0.3), opener=lambda: [gated])
     with live_server(app) as url, one_running_one_queued(url, gated):
+        t0 = time.monotonic()
         third = httpx.post(f"{url}/v1/embeddings", json={"input": ["refused"]})
-        assert third.status_code == 429
+        assert third.status_code == 429 and time.monotonic() - t0 >= 0.3
         assert int(third.headers["retry-after"]) >= 1 and third.json()["error"]["code"] == "queue_full"
         unparsed = httpx.post(f"{url}/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
-        assert unparsed.status_code == 429  # refused before its body is parsed or tokenized: refusals stay cheap
+        assert unparsed.status_code == 429
+        assert metric(url, "instructor_requests_waiting") == 0
+
+
+def test_a_request_waiting_for_room_is_let_in_when_the_queue_drains(tiny_engine, encoder):
+    """With room made within --queue-timeout, a waiting request is answered 200 with its exact vector, not refused;
+    one whose client leaves while it waits is dropped at once (499), not at its timeout."""
+    gated = GatedEncoder(Encoder(tiny_engine))
+    app = create_app(ServeConfig(engine=tiny_engine, max_queue_tokens=4, max_wait_ms=0, queue_timeout=60), opener=lambda: [gated])
+    answer: dict[str, httpx.Response] = {}
+    waiter = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/v1/embeddings", json={"input": ["waits"]}, timeout=60)))
+    with live_server(app) as url:
+        with one_running_one_queued(url, gated):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/embeddings", json={"input": ["leaves"]}, timeout=0.5)
+            for _ in range(500):
+                if metric(url, "instructor_requests_total", endpoint="/v1/embeddings", status="499") == 1:
+                    break
+                time.sleep(0.01)
+            assert metric(url, "instructor_requests_waiting") == 0
+            waiter.start()
+            for _ in range(500):
+                if metric(url, "instructor_requests_waiting") == 1:
+                    break
+                time.sleep(0.01)
+            assert metric(url, "instructor_requests_waiting") == 1
+        waiter.join(60)
+        assert answer["r"].status_code == 200
+        got = np.array(answer["r"].json()["data"][0]["embedding"], np.float32)
+        np.testing.assert_allclose(got, encoder.encode(["waits"])[0], atol=1e-6)
+        assert metric(url, "instructor_requests_waiting") == 0
 
 
 def test_429_before_parsing_when_the_body_cannot_fit(tiny_engine):
     """The queue has room, but not for as many tokens as a body of this size holds (the measured tokens per byte of
-    earlier bodies): 429 before the body is parsed. A small body still gets parsed (here: 400 for bad JSON)."""
+    earlier bodies): 429 before the body is parsed (--queue-timeout 0: at once). A small body still gets parsed
+    (here: 400 for bad JSON)."""
     gated = GatedEncoder(Encoder(tiny_engine))
-    app = create_app(ServeConfig(engine=tiny_engine, max_queue_tokens=64, max_wait_ms=0), opener=lambda: [gated])
+    app = create_app(ServeConfig(engine=tiny_engine, max_queue_tokens=64, max_wait_ms=0, queue_timeout=0), opener=lambda: [gated])
     with live_server(app) as url, one_running_one_queued(url, gated):
         assert 0 < metric(url, "instructor_queue_tokens") < 64
         big = b'{"input": ["' + b"many words " * 200 + b'"' + b"not json"

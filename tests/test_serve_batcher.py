@@ -124,6 +124,29 @@ def test_queue_full_then_drain_on_close(gated, encoder):
     assert not b.alive
 
 
+def test_room_for_counts_reserved_tokens_and_on_room_fires_when_tokens_leave(gated, encoder):
+    """room_for: an empty queue always has room; queued plus reserved tokens count against max_queue_tokens.
+    on_room is called when a pool takes rows out of the queue; let_in skips the limit (the caller applied it)."""
+    made = threading.Event()
+    gated.gate.clear()
+    b = Batcher([gated], Metrics(), max_queue_tokens=8, max_wait_ms=0, on_room=made.set)
+    b.start()
+    assert b.room_for(10_000) and not b.room_for(10_000, reserved=1) and b.room_for(8, reserved=0)
+    first = b.submit(encoder.tokenizer.encode(["running now"]))
+    assert gated.entered.wait(10) and made.wait(10)  # its rows left the queue for the engine
+    made.clear()
+    second = b.submit(encoder.tokenizer.encode(["queued"]))
+    queued = int(second.lengths.sum())
+    assert b.room_for(8 - queued) and not b.room_for(9 - queued) and not b.room_for(8 - queued, reserved=1)
+    third = b.submit(encoder.tokenizer.encode(["let in past the limit " * 3]), let_in=True)
+    assert not made.is_set() and b.queue_full().retry_after >= 1
+    gated.gate.set()
+    for job in (first, second, third):
+        assert job.future.result(timeout=30).shape == (1, 32)
+    assert made.wait(10)
+    b.close()
+
+
 def test_engine_failure_fails_its_requests_only(gated, encoder):
     b = make(gated, max_wait_ms=0)
     gated.fail_next = "engine exploded"

@@ -50,7 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-padding", type=float, default=d.max_padding,
                    help=f"share of a batch that may be padding before the planner cuts it. Default: {d.max_padding}")
     p.add_argument("--max-queue-tokens", type=int, default=d.max_queue_tokens,
-                   help=f"tokens that may wait for the engine; past it requests get 429 + Retry-After. Default: {d.max_queue_tokens}")
+                   help=f"tokens that may wait for the engine; past it requests wait for room (--queue-timeout). Default: {d.max_queue_tokens}")
+    p.add_argument("--queue-timeout", type=float, default=d.queue_timeout,
+                   help="seconds a request that finds the queue full waits for room, first come first served, before "
+                   "429 + Retry-After (0: refuse at once). The wait costs no CPU, so clients that resend a 429 at once "
+                   f"cannot take the engine's cores. Default: {d.queue_timeout:g}")
     p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
                    help=f"embedding requests in progress at once; past it 429 (bounds memory with --payload-limit). Default: {d.max_concurrent_requests}")
     p.add_argument("--max-request-items", type=int, default=d.max_request_items,
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         config = ServeConfig(
             engine=args.engine, model_name=args.model_name, api_key=args.api_key or None, instructions=instructions,
             max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-            max_padding=args.max_padding, max_queue_tokens=args.max_queue_tokens,
+            max_padding=args.max_padding, max_queue_tokens=args.max_queue_tokens, queue_timeout=args.queue_timeout,
             max_concurrent_requests=args.max_concurrent_requests, max_request_items=args.max_request_items,
             payload_limit=args.payload_limit, tokenization_workers=args.tokenization_workers, threads=args.threads,
             device=args.device, replicas=args.replicas, head_timeout=args.head_timeout, body_timeout=args.body_timeout,

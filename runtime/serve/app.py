@@ -1,9 +1,10 @@
 """The Starlette application: routes, the life of the engines and their batcher, and what each request goes through.
 
 A request to an embedding endpoint: the body read up to ``payload_limit`` bytes (else 413) within ``body_timeout``
-seconds (else 408), a slot among ``max_concurrent_requests`` (else 429), then JSON parsing, validation and
-tokenization in a small thread pool (never on the event loop), then the shared batcher (429 with ``Retry-After``
-when too many tokens wait), then the response. A client that disconnects while its rows wait has them dropped.
+seconds (else 408), a slot among ``max_concurrent_requests`` (else 429), room in the shared queue for about as
+many tokens as the body holds (without it, a wait in line of up to ``queue_timeout`` seconds, then 429 with
+``Retry-After``), then JSON parsing, validation and tokenization in a small thread pool (never on the event loop),
+then the shared batcher, then the response. A client that disconnects while its rows wait has them dropped.
 ``GET /health`` is 200 only between the warm-up batch at start and the start of shutdown.
 """
 
@@ -13,6 +14,7 @@ import asyncio
 import importlib.metadata as md
 import os
 import platform
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -77,18 +79,21 @@ class Service:
         self.in_flight = 0
         self.ranges: np.ndarray | None = None  # int8/uint8 ranges (--int8-ranges)
         self.tokens_per_byte = 0.0  # of the bodies tokenized so far (moving average): a body's tokens before parsing it
+        self.waiting: deque[tuple[int, asyncio.Future[None]]] = deque()  # requests waiting for room, first come first
+        self.reserved = 0  # estimated tokens of the requests let in and not yet submitted (being tokenized)
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- life --------------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         self.encoders = list(await loop.run_in_executor(self.pool, self.opener))
         self.encoder = self.encoders[0]
         c = self.config
         if c.int8_ranges is not None:
             self.ranges = load_ranges(c.int8_ranges, self.encoder.embedding_dim)
         self.batcher = Batcher(self.encoders, self.metrics, c.max_batch_size, self.encoder.max_tokens, c.max_wait_ms,
-                               c.max_queue_tokens)
+                               c.max_queue_tokens, on_room=self._room_made)
         warm = await loop.run_in_executor(self.pool, self._tokenize, WARM_UP_INPUT)
         for encoder in self.encoders[1:]:  # the first one is warmed through the batcher
             await loop.run_in_executor(self.pool, encoder.encode_tokenized, warm)
@@ -174,15 +179,17 @@ class Service:
             if self.in_flight >= self.config.max_concurrent_requests:
                 raise ApiError(429, f"{self.in_flight} requests in progress (limit {self.config.max_concurrent_requests}, "
                                "--max-concurrent-requests); retry later", "too_many_requests", headers={"Retry-After": "1"})
-            try:  # refused before parsing if the queue has no room for about as many tokens as this body holds
-                self.batcher.check_room(int(len(body) * self.tokens_per_byte))
-            except QueueFull as exc:
-                raise _queue_full(exc) from exc
             self.in_flight += 1
             self.metrics.in_progress.set(self.in_flight)
+            tokens = int(len(body) * self.tokens_per_byte)  # about as many as the body holds, known before parsing it
             try:
-                loop = asyncio.get_running_loop()
-                req, encoded, job = await loop.run_in_executor(self.pool, self._prepare, body, parser, arrival)
+                await self._let_in(request, tokens)
+                try:
+                    loop = asyncio.get_running_loop()
+                    req, encoded, job = await loop.run_in_executor(self.pool, self._prepare, body, parser, arrival)
+                finally:
+                    self.reserved -= tokens
+                    self._let_waiting_in()
             except BaseException:
                 self._leave()
                 raise
@@ -190,6 +197,48 @@ class Service:
             return req, encoded, await self._vectors(request, job)
         finally:
             self._leave()
+
+    async def _let_in(self, request: Request, tokens: int) -> None:
+        """Return once the queue has room for about ``tokens`` more (reserving them); while it has none, wait in line,
+        first come first served and without using the CPU, up to ``--queue-timeout`` seconds, then 429. Waiting
+        rather than refusing at once keeps a client that resends every 429 at once from taking the engine's cores."""
+        assert self.batcher is not None
+        if not self.waiting and self.batcher.room_for(tokens, self.reserved):
+            self.reserved += tokens
+            return
+        if self.config.queue_timeout <= 0:
+            raise _queue_full(self.batcher.queue_full())
+        entry = (tokens, asyncio.get_running_loop().create_future())
+        self.waiting.append(entry)
+        self.metrics.waiting.set(len(self.waiting))
+        self._let_waiting_in()  # room may have been made since room_for was asked
+        gone = asyncio.ensure_future(_disconnect(request))
+        try:
+            await asyncio.wait((entry[1], gone), timeout=self.config.queue_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if entry[1].done():  # let in: _let_waiting_in reserved its tokens
+            return
+        entry[1].cancel()
+        self.waiting.remove(entry)
+        self.metrics.waiting.set(len(self.waiting))
+        self._let_waiting_in()  # the next in line may fit where this one did not
+        if gone.done() and not gone.cancelled():
+            raise ApiError(499, "the client closed the connection while its request waited for room", "client_closed_request")
+        raise _queue_full(self.batcher.queue_full())
+
+    def _let_waiting_in(self) -> None:
+        """On the event loop: let the waiting requests in, in order, while the queue has room for the first."""
+        while self.waiting and self.batcher is not None and self.batcher.room_for(self.waiting[0][0], self.reserved):
+            tokens, admitted = self.waiting.popleft()
+            self.reserved += tokens
+            admitted.set_result(None)
+        self.metrics.waiting.set(len(self.waiting))
+
+    def _room_made(self) -> None:
+        """From an engine thread, when tokens leave the queue: let waiting requests in, on the event loop."""
+        if self.waiting and self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._let_waiting_in)
 
     def _leave(self) -> None:
         self.in_flight -= 1
@@ -228,10 +277,8 @@ class Service:
             i = int(np.flatnonzero(encoded.truncated)[0])
             raise ApiError(413, f"inputs[{i}] is longer than the model's max_seq_length of {self.encoder.max_seq_length} tokens "
                            "(send truncate=true to cut it, as the reference does)", "input_too_long", "inputs")
-        try:
-            return req, encoded, self.batcher.submit(encoded, arrival)
-        except QueueFull as exc:
-            raise _queue_full(exc) from exc
+        try:  # the queue limit was applied to this body's estimate when it was let in
+            return req, encoded, self.batcher.submit(encoded, arrival, let_in=True)
         except ShuttingDown as exc:
             raise ApiError(503, str(exc), "unavailable") from exc
 

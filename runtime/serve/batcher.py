@@ -18,7 +18,8 @@ is answered when its last row is done.
   concurrent clients fill the batches.
 - Backpressure: ``submit`` refuses a job (``QueueFull``, with a retry delay from the measured token rate) when the
   tokens waiting would pass ``max_queue_tokens``; a job that arrives at an empty queue is always taken, so a large
-  request is slow rather than refused forever.
+  request is slow rather than refused forever. ``room_for`` asks the same before a request is parsed, and
+  ``on_room`` is called whenever tokens leave the queue, so that the server can let waiting requests in.
 - Cancellation: ``cancel`` drops the rows of a job whose client has gone, so abandoned work is not computed.
 - Shutdown: ``close`` refuses new jobs, runs every job already taken, then stops the threads.
 """
@@ -32,7 +33,7 @@ from collections import deque
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -97,6 +98,7 @@ class Batcher:
         max_batch_tokens: int = 16384,
         max_wait_ms: float = 5.0,
         max_queue_tokens: int = 262144,
+        on_room: Callable[[], None] | None = None,
     ) -> None:
         self.encoders = list(encoders)
         if not self.encoders:
@@ -111,6 +113,7 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_tokens = max_queue_tokens
+        self._on_room = on_room  # called (from an engine thread) whenever queued tokens leave: requests waiting for room
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
         self._queued_rows = 0
@@ -152,8 +155,10 @@ class Batcher:
             arrival.counted_out = True
             self._arriving -= 1
 
-    def submit(self, encoded: Encoded, arrival: Arrival | None = None) -> Job:
-        """Queue one request's rows (from any thread); ``job.future`` gets their vectors."""
+    def submit(self, encoded: Encoded, arrival: Arrival | None = None, let_in: bool = False) -> Job:
+        """Queue one request's rows (from any thread); ``job.future`` gets their vectors. ``let_in``: the caller has
+        already applied the queue limit to this request (``room_for`` with its estimated tokens), so it is not
+        refused here for the estimate's error."""
         lengths = encoded.lengths
         tokens = int(lengths.sum())
         job = Job(encoded, lengths, np.empty((len(lengths), self.embedding_dim), np.float32), Future(), time.monotonic())
@@ -162,7 +167,7 @@ class Batcher:
             self._count_out(arrival)
             if not self.alive:
                 raise ShuttingDown("the server is shutting down")
-            if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
+            if not let_in and self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
                 raise QueueFull(self._queued_tokens, self.max_queue_tokens, self._retry_after())
             if not job.rows:
                 job.future.set_result(job.vectors)
@@ -174,14 +179,18 @@ class Batcher:
             self._cond.notify_all()
         return job
 
-    def check_room(self, tokens: int = 0) -> None:
-        """Raise ``QueueFull`` if the queue is at ``max_queue_tokens``, or is not empty and has no room for about
-        ``tokens`` more (an estimate from the body's size): lets a request be refused before its body is parsed and
-        tokenized, so that a flood of refusals does not take the engines' cores (``submit`` still checks exactly)."""
+    def room_for(self, tokens: int, reserved: int = 0) -> bool:
+        """Whether about ``tokens`` more fit under ``max_queue_tokens`` beside the queued tokens and ``reserved`` ones
+        (requests let in but not yet submitted); an empty queue always has room, so a large request is slow rather
+        than refused forever. The server asks this before parsing a body, with an estimate from its size."""
         with self._cond:
-            queued = self._queued_tokens
-            if queued >= self.max_queue_tokens or (queued and queued + tokens > self.max_queue_tokens):
-                raise QueueFull(queued, self.max_queue_tokens, self._retry_after())
+            queued = self._queued_tokens + reserved
+            return queued == 0 or (queued < self.max_queue_tokens and queued + tokens <= self.max_queue_tokens)
+
+    def queue_full(self) -> QueueFull:
+        """The refusal for a request that found no room, its retry delay from the measured token rate."""
+        with self._cond:
+            return QueueFull(self._queued_tokens, self.max_queue_tokens, self._retry_after())
 
     def cancel(self, job: Job) -> None:
         """Drop the rows of ``job`` that no pool has taken (its client has gone); its future is never set."""
@@ -269,6 +278,7 @@ class Batcher:
         self._queued_tokens -= tokens
         self._last_pool_jobs = len(pool.spans)
         self._publish_queue()
+        self._room_made()
         if self._pending and self._idle > 1:  # the rest is for the other waiting engines: now, not at their deadline
             self._cond.notify_all()
         return pool
@@ -323,6 +333,7 @@ class Batcher:
             job.next_row = job.rows
         self._pending = deque(j for j in self._pending if j not in jobs)
         self._publish_queue()
+        self._room_made()
 
     def _fail(self, jobs: set[Job], exc: Exception) -> None:
         """Fail the jobs of a pool whose batch raised, and drop their rows that are still queued."""
@@ -342,3 +353,7 @@ class Batcher:
     def _publish_queue(self) -> None:
         self.metrics.queue_items.set(self._queued_rows)
         self.metrics.queue_tokens.set(self._queued_tokens)
+
+    def _room_made(self) -> None:
+        if self._on_room is not None:
+            self._on_room()

@@ -23,6 +23,7 @@ class ServeConfig:
     max_wait_ms: float = 5.0
     max_padding: float = DEFAULT_MAX_PADDING  # the runtime's; see docs/serving.md for what larger values cost
     max_queue_tokens: int = 262144
+    queue_timeout: float = 2.0  # seconds a request waits for room in a full queue before its 429
     max_concurrent_requests: int = 512
     max_request_items: int = 2048
     payload_limit: int = 2_000_000
@@ -46,8 +47,8 @@ class ServeConfig:
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {value}")
         check_options(self.long_text, self.chunk_overlap, self.chunk_pooling)
-        if self.max_wait_ms < 0 or self.threads < 0:
-            raise ValueError("max-wait-ms and threads must be >= 0")
+        if self.max_wait_ms < 0 or self.threads < 0 or self.queue_timeout < 0:
+            raise ValueError("max-wait-ms, queue-timeout and threads must be >= 0")
         if self.head_timeout <= 0 or self.body_timeout <= 0:
             raise ValueError("head-timeout and body-timeout must be > 0")
         if self.device is not None and not all(self.devices):
@@ -73,6 +74,7 @@ class ServeConfig:
             "max_wait_ms": self.max_wait_ms,
             "max_padding": self.max_padding,
             "max_queue_tokens": self.max_queue_tokens,
+            "queue_timeout": self.queue_timeout,
             "max_concurrent_requests": self.max_concurrent_requests,
             "max_request_items": self.max_request_items,
             "payload_limit": self.payload_limit,

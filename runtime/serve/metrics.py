@@ -41,6 +41,7 @@ class Metrics:
         self.inference = Histogram("instructor_inference_seconds", "Engine time per batch (one encode_tokenized call)", buckets=SECONDS, registry=r)
         self.queue_time = Histogram("instructor_queue_seconds", "Time from a request's enqueue to its first batch", buckets=SECONDS, registry=r)
         self.in_progress = Gauge("instructor_requests_in_progress", "Embedding requests being read, tokenized, queued or run", registry=r)
+        self.waiting = Gauge("instructor_requests_waiting", "Requests waiting for room in a full queue (--queue-timeout)", registry=r)
         self.queue_items = Gauge("instructor_queue_items", "Items waiting for the engine", registry=r)
         self.queue_tokens = Gauge("instructor_queue_tokens", "Tokens waiting for the engine (compared with --max-queue-tokens)", registry=r)
         Gauge("instructor_peak_rss_bytes", "Peak resident memory of the server process", registry=r).set_function(peak_rss_bytes)
