@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import threading
@@ -19,7 +20,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from runtime import Encoder  # noqa: E402
-from runtime.serve.app import create_app  # noqa: E402
+from runtime.serve.app import Service, create_app  # noqa: E402
 from runtime.serve.config import ServeConfig, load_instructions  # noqa: E402
 from bench.speed.serve import scrape  # noqa: E402
 from tests.conftest import assert_torch_free  # noqa: E402
@@ -260,6 +261,43 @@ def test_a_request_waiting_for_room_is_let_in_when_the_queue_drains(tiny_engine,
         got = np.array(answer["r"].json()["data"][0]["embedding"], np.float32)
         np.testing.assert_allclose(got, encoder.encode(["waits"])[0], atol=1e-6)
         assert metric(url, "instructor_requests_waiting") == 0
+
+
+def test_a_waiting_request_that_is_cancelled_leaves_no_reservation(tiny_engine):
+    """A request cancelled while it waits for room (as at shutdown) leaves the line, and one cancelled just as it was
+    let in gives its reserved tokens back, so later requests are not held out by tokens no one will submit."""
+
+    class Full:  # a queue with room only when told
+        room = False
+
+        def room_for(self, tokens: int, reserved: int = 0) -> bool:
+            return self.room and reserved + tokens <= 10
+
+    class Silent:  # a client that neither sends more nor leaves
+        async def receive(self) -> dict:
+            await asyncio.Event().wait()
+            return {}
+
+    async def scenario() -> None:
+        service = Service(ServeConfig(engine=tiny_engine, queue_timeout=60), opener=lambda: [])
+        service.batcher = Full()  # type: ignore[assignment]
+        waiter = asyncio.ensure_future(service._let_in(Silent(), 4))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        assert len(service.waiting) == 1 and service.reserved == 0
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert not service.waiting and service.reserved == 0
+        waiter = asyncio.ensure_future(service._let_in(Silent(), 4))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        service.batcher.room = True  # type: ignore[attr-defined]
+        service._let_waiting_in()  # let in, and cancelled before it resumes
+        assert service.reserved == 4
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert not service.waiting and service.reserved == 0
+        service.pool.shutdown()
+
+    asyncio.run(scenario())
 
 
 def test_429_before_parsing_when_the_body_cannot_fit(tiny_engine):

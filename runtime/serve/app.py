@@ -215,14 +215,14 @@ class Service:
         gone = asyncio.ensure_future(_disconnect(request))
         try:
             await asyncio.wait((entry[1], gone), timeout=self.config.queue_timeout, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (e.g. at shutdown): leave nothing behind in the line or the reservation
+            self._leave_line(entry)
+            raise
         finally:
             gone.cancel()
         if entry[1].done():  # let in: _let_waiting_in reserved its tokens
             return
-        entry[1].cancel()
-        self.waiting.remove(entry)
-        self.metrics.waiting.set(len(self.waiting))
-        self._let_waiting_in()  # the next in line may fit where this one did not
+        self._leave_line(entry)
         if gone.done() and not gone.cancelled():
             raise ApiError(499, "the client closed the connection while its request waited for room", "client_closed_request")
         raise _queue_full(self.batcher.queue_full())
@@ -234,6 +234,17 @@ class Service:
             self.reserved += tokens
             admitted.set_result(None)
         self.metrics.waiting.set(len(self.waiting))
+
+    def _leave_line(self, entry: tuple[int, asyncio.Future[None]]) -> None:
+        """A waiting request gives up: out of the line, or, if it was let in meanwhile, its reservation returned; the
+        next in line may fit where this one did not."""
+        tokens, admitted = entry
+        if admitted.done():
+            self.reserved -= tokens
+        else:
+            admitted.cancel()
+            self.waiting.remove(entry)
+        self._let_waiting_in()
 
     def _room_made(self) -> None:
         """From an engine thread, when tokens leave the queue: let waiting requests in, on the event loop."""
