@@ -66,10 +66,12 @@ class GatedEncoder:
         self.gate.set()
         self.entered = threading.Event()
         self.pools: list[int] = []  # rows per pool, in order
+        self.pool_tokens: list[int] = []  # real tokens per pool, in order
         self.fail_next: str | None = None
 
     def encode_tokenized(self, encoded: Any, *args: Any, **kwargs: Any) -> Any:
         self.pools.append(len(encoded.ids))
+        self.pool_tokens.append(sum(len(ids) for ids in encoded.ids))
         self.entered.set()
         if not self.gate.wait(30):
             raise TimeoutError("gate never opened")

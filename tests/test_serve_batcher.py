@@ -199,19 +199,25 @@ def test_several_engines_behind_one_batcher(encoder, tiny_engine, golden_inputs,
 
 
 def test_idle_engines_share_the_queue(encoder, tiny_engine, golden_inputs, golden_vectors):
-    """16 rows waiting and two idle engines: 8 rows each (one engine taking all 16 would leave the other idle, as
-    with 16 closed-loop clients of one item); both pools run at once, and the rows are the reference's vectors."""
+    """16 rows waiting and two idle engines: about half the tokens each (one engine taking all 16 would leave the
+    other idle, as with 16 closed-loop clients of one item; half the rows each would leave the engine with the
+    shorter half idle); both pools run at once, and the rows are the reference's vectors."""
     other = Encoder(tiny_engine, intra_op_threads=1)
     first, second = GatedEncoder(encoder), GatedEncoder(other)
     first.gate.clear()
     second.gate.clear()  # neither pool finishes before both are taken
     b = make([first, second], max_batch_size=16, max_wait_ms=0)
     wait_idle(b, 2)
-    job = b.submit(encoder.tokenizer.encode(golden_inputs[:16]))
+    encoded = encoder.tokenizer.encode(golden_inputs[:16])
+    job = b.submit(encoded)
     assert first.entered.wait(10) and second.entered.wait(10)
     first.gate.set()
     second.gate.set()
     np.testing.assert_allclose(job.future.result(timeout=30), golden_vectors[:16], atol=1e-5)
     b.close()
     other.close()
-    assert first.pools == [8] and second.pools == [8]
+    lengths = [len(ids) for ids in encoded.ids]
+    assert first.pools[0] + second.pools[0] == 16 and len(first.pools) == len(second.pools) == 1
+    assert first.pool_tokens[0] == sum(lengths[: first.pools[0]])  # first come, first served: the first rows
+    assert abs(first.pool_tokens[0] - second.pool_tokens[0]) <= max(lengths)
+    assert abs(first.pool_tokens[0] - second.pool_tokens[0]) < abs(sum(lengths[:8]) - sum(lengths[8:]))

@@ -9,9 +9,9 @@ is answered when its last row is done.
 - Pool: at most ``max_batch_size`` rows and ``max_batch_tokens`` real tokens (one row always fits). Jobs are taken
   first come, first served, but in a first pass each job gives at most half a pool; the rest of the pool is then
   filled in the same order. So a 1,000-item request takes about half of every pool while others wait, and a 1-item
-  request behind it is in the next pool: neither starves. With several engines, a pool is at most the waiting rows
-  shared out among the engines that are waiting for work, so that one does not take all 16 rows of 16 clients while
-  another idles.
+  request behind it is in the next pool: neither starves. With several engines, a pool holds about the waiting
+  tokens shared out among the engines that are waiting for work, so that one does not take all 16 rows of 16 clients
+  while another idles, and the halves of a lone request finish together.
 - Waiting: a pool starts at once when it is full. Otherwise the thread waits for more rows only while more are on
   their way (a request is being read or tokenized, or fewer requests wait than took part in the previous pool),
   and never longer than ``max_wait_ms`` after the oldest waiting job arrived. A lone client thus never waits, and
@@ -246,9 +246,11 @@ class Batcher:
 
     def _take(self) -> _Pool:
         """Rows for one pool: first come, first served, each job at most half a pool in the first pass. Where other
-        engines wait too, the queue is shared out among them (16 waiting rows and 2 idle engines: 8 rows each), so
-        that one engine does not take everything while another idles."""
-        limit = min(self.max_rows, max(1, math.ceil(self._queued_rows / self._idle)))
+        engines wait too, the queued tokens are shared out among them (a 32-row request and 2 idle engines: about
+        half its tokens each, so both halves finish together), so that one engine does not take everything while
+        another idles."""
+        limit = self.max_rows
+        share = math.ceil(self._queued_tokens / self._idle) if self._idle > 1 else None
         spans: dict[Job, list[int]] = {}
         rows = tokens = 0
         for cap in (max(1, limit // 2), limit):
@@ -259,6 +261,8 @@ class Batcher:
                 while span[1] < job.rows and span[1] - span[0] < cap and rows < limit:
                     length = int(job.lengths[span[1]])
                     if rows and tokens + length > self.max_batch_tokens:
+                        break
+                    if rows and share is not None and tokens + length / 2 > share:  # the row is nearer the next share
                         break
                     span[1] += 1
                     rows += 1
