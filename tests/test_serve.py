@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from runtime import Encoder  # noqa: E402
-from runtime.serve.app import Service, create_app  # noqa: E402
+from runtime.serve.app import Service, create_app, engine_devices  # noqa: E402
 from runtime.serve.config import ServeConfig, load_instructions  # noqa: E402
 from bench.speed.serve import scrape  # noqa: E402
 from tests.conftest import assert_torch_free  # noqa: E402
@@ -158,6 +158,26 @@ def test_health_info_models(server):
     assert info["backend"].startswith("onnxruntime") and info["instructions"] == ["doc", "query"]
     assert info["limits"]["max_batch_size"] == 8 and "onnxruntime" in info["versions"]
     assert httpx.get(f"{server}/v1/models").json()["data"][0]["id"] == "tiny"
+
+
+def test_default_server_runs_two_cpu_engines_with_one_core_each(server, tiny_engine):
+    """The default (--replicas 0) on this CPU: two ONNX engines behind the one queue, the cores shared out."""
+    info = httpx.get(f"{server}/info").json()
+    cores = __import__("os").cpu_count() or 1
+    assert [e["device"] for e in info["engines"]] == (["cpu", "cpu"] if cores >= 2 else ["cpu"])
+
+
+def test_engine_devices(tiny_engine, tmp_path):
+    """--replicas 0: two engines for an ONNX engine on a CPU of 2+ cores, else one; one per GPU; explicit counts kept."""
+    auto = ServeConfig(engine=tiny_engine)
+    assert engine_devices(auto, cores=2) == [None, None] and engine_devices(auto, cores=1) == [None]
+    assert engine_devices(ServeConfig(engine=tiny_engine, device="cpu"), cores=16) == ["cpu", "cpu"]
+    assert engine_devices(ServeConfig(engine=tiny_engine, device="cuda:0,cuda:1"), cores=16) == ["cuda:0", "cuda:1"]
+    assert engine_devices(ServeConfig(engine=tiny_engine, replicas=1), cores=16) == [None]
+    assert engine_devices(ServeConfig(engine=tiny_engine, replicas=3, device="cpu"), cores=2) == ["cpu"] * 3
+    assert engine_devices(ServeConfig(engine=tmp_path / "m.pt2"), cores=16) == [None]  # torch sets its own threads
+    with pytest.raises(ValueError, match="replicas must be >= 0"):
+        ServeConfig(engine=tiny_engine, replicas=-1)
 
 
 def test_metrics_count_requests(server):

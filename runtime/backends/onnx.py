@@ -45,6 +45,15 @@ def _session_options(opts: OnnxOptions):  # -> ort.SessionOptions
     return so
 
 
+def picks_cuda(device: str | None) -> bool:
+    """Whether an engine opened on ``device`` runs on CUDA: when asked to, or by default when onnxruntime-gpu is there."""
+    import onnxruntime as ort
+
+    if device is not None:
+        return device.startswith("cuda")
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 class OnnxBackend:
     """One ``InferenceSession`` over the bundle's ``.onnx`` file."""
 
@@ -58,7 +67,7 @@ class OnnxBackend:
             raise EngineError(
                 f"{manifest.engine}: device={device!r} needs onnxruntime-gpu with CUDA (this onnxruntime has {available})"
             )
-        use_cuda = want_cuda or (device is None and "CUDAExecutionProvider" in available)
+        use_cuda = picks_cuda(device)
         self.device_id = device_index(device)
         providers: list = ["CPUExecutionProvider"]
         if use_cuda:

@@ -69,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the one batcher. Default: the engine's natural device")
     p.add_argument("--replicas", type=int, default=d.replicas,
                    help="engines per device, each run by its own thread, all fed by the one queue (on a CPU they share "
-                   f"the cores out). Default: {d.replicas}")
+                   "the cores out). 0: two for an ONNX engine on a CPU of 2+ cores (more throughput under concurrent "
+                   "load; a lone one-item request runs on half the cores: --replicas 1 for the lowest latency of one "
+                   f"client), else one. Default: {d.replicas}")
     p.add_argument("--head-timeout", type=float, default=d.head_timeout,
                    help="seconds for a request's line and headers to arrive (from the connection's opening, or the "
                    f"request's first byte); then 408 and the connection is closed. Stops slowloris. Default: {d.head_timeout:g}")

@@ -30,7 +30,7 @@ class ServeConfig:
     tokenization_workers: int = 2
     threads: int = 0  # ONNX Runtime intra-op threads per engine, 0: the cores shared out among the CPU engines
     device: str | None = None  # one device, or a comma-separated list (cuda:0,cuda:1): one engine on each
-    replicas: int = 1  # engines per device, each with its own thread, all behind the one batcher
+    replicas: int = 0  # engines per device, each with its own thread, all behind the one batcher; 0: see engine_devices
     head_timeout: float = 10.0  # seconds for a request's line and headers to arrive
     body_timeout: float = 30.0  # seconds for a request's body to arrive once its headers have
     max_connections: int = 16384  # open connections; past it new ones are closed at once
@@ -41,26 +41,25 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_batch_tokens", "max_batch_size", "max_queue_tokens", "max_concurrent_requests",
-                    "max_request_items", "payload_limit", "tokenization_workers", "replicas", "max_connections")
+                    "max_request_items", "payload_limit", "tokenization_workers", "max_connections")
         for name in positive:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {value}")
         check_options(self.long_text, self.chunk_overlap, self.chunk_pooling)
-        if self.max_wait_ms < 0 or self.threads < 0 or self.queue_timeout < 0:
-            raise ValueError("max-wait-ms, queue-timeout and threads must be >= 0")
+        if self.max_wait_ms < 0 or self.threads < 0 or self.queue_timeout < 0 or self.replicas < 0:
+            raise ValueError("max-wait-ms, queue-timeout, threads and replicas must be >= 0")
         if self.head_timeout <= 0 or self.body_timeout <= 0:
             raise ValueError("head-timeout and body-timeout must be > 0")
-        if self.device is not None and not all(self.devices):
+        if self.device is not None and not all(self.device_names):
             raise ValueError(f"device: an empty name in {self.device!r} (expected e.g. cpu, cuda:0 or cuda:0,cuda:1)")
         if not 0.0 <= self.max_padding < 1.0:
             raise ValueError(f"max-padding must be in [0, 1), got {self.max_padding}")
 
     @property
-    def devices(self) -> list[str | None]:
-        """One entry per engine: each listed device ``replicas`` times (``None``: the engine's natural device)."""
-        names: list[str | None] = [d.strip() for d in self.device.split(",")] if self.device is not None else [None]
-        return [d for d in names for _ in range(self.replicas)]
+    def device_names(self) -> list[str | None]:
+        """The devices of ``--device`` (``[None]``: the engine's natural device)."""
+        return [d.strip() for d in self.device.split(",")] if self.device is not None else [None]
 
     @property
     def served_name(self) -> str:
