@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from runtime import Encoder  # noqa: E402
-from runtime.serve.app import Service, create_app, engine_devices  # noqa: E402
+from runtime.serve.app import Service, create_app, engine_devices, open_encoders  # noqa: E402
 from runtime.serve.config import ServeConfig, load_instructions  # noqa: E402
 from bench.speed.serve import scrape  # noqa: E402
 from tests.conftest import assert_torch_free  # noqa: E402
@@ -163,7 +164,7 @@ def test_health_info_models(server):
 def test_default_server_runs_two_cpu_engines_with_one_core_each(server, tiny_engine):
     """The default (--replicas 0) on this CPU: two ONNX engines behind the one queue, the cores shared out."""
     info = httpx.get(f"{server}/info").json()
-    cores = __import__("os").cpu_count() or 1
+    cores = os.cpu_count() or 1
     assert [e["device"] for e in info["engines"]] == (["cpu", "cpu"] if cores >= 2 else ["cpu"])
 
 
@@ -178,6 +179,8 @@ def test_engine_devices(tiny_engine, tmp_path):
     assert engine_devices(ServeConfig(engine=tmp_path / "m.pt2"), cores=16) == [None]  # torch sets its own threads
     with pytest.raises(ValueError, match="replicas must be >= 0"):
         ServeConfig(engine=tiny_engine, replicas=-1)
+    with pytest.raises(ValueError, match="--threads applies to ONNX Runtime engines only"):
+        open_encoders(ServeConfig(engine=tmp_path / "m.pt2", threads=2))
 
 
 def test_metrics_count_requests(server):

@@ -55,20 +55,26 @@ def engine_devices(config: ServeConfig, cores: int | None = None) -> list[str | 
     if config.replicas:
         return [d for d in names for _ in range(config.replicas)]
     cores = cores or os.cpu_count() or 1
-    cpu_onnx = engine_kind(config.engine) == "onnx" and cores >= 2
-    return [d for d in names for _ in range(2 if cpu_onnx and not picks_cuda(d) else 1)]
+    return [d for d in names for _ in range(2 if cores >= 2 and _onnx_on_cpu(config, d) else 1)]
+
+
+def _onnx_on_cpu(config: ServeConfig, device: str | None) -> bool:
+    """Whether the engine on ``device`` is an ONNX Runtime session on the CPU: the one kind whose threads are set here."""
+    return engine_kind(config.engine) == "onnx" and not picks_cuda(device)
 
 
 def open_encoders(config: ServeConfig) -> list[Encoder]:
-    """One engine per entry of ``engine_devices``. Several engines on the CPU share its cores out (``--threads``
-    each, else cores / CPU engines); ONNX-only options are passed only when set, so any engine kind opens."""
+    """One engine per entry of ``engine_devices``. Several ONNX engines on the CPU share its cores out (``--threads``
+    each, else cores / CPU engines); the thread option goes to those only, so any engine kind opens."""
+    if config.threads and engine_kind(config.engine) != "onnx":
+        raise ValueError(f"--threads applies to ONNX Runtime engines only, not {config.engine}")
     devices = engine_devices(config)
-    on_cpu = sum(d in (None, "cpu") for d in devices)
-    threads = config.threads or (max(1, (os.cpu_count() or 1) // on_cpu) if on_cpu > 1 else 0)
+    on_cpu = [_onnx_on_cpu(config, d) for d in devices]
+    threads = config.threads or (max(1, (os.cpu_count() or 1) // sum(on_cpu)) if sum(on_cpu) > 1 else 0)
     encoders: list[Encoder] = []
     try:
-        for device in devices:
-            options: dict[str, Any] = {"intra_op_threads": threads} if threads and device in (None, "cpu") else {}
+        for device, cpu in zip(devices, on_cpu):
+            options: dict[str, Any] = {"intra_op_threads": threads} if threads and cpu else {}
             encoders.append(Encoder(config.engine, device=device, max_tokens=config.max_batch_tokens, max_padding=config.max_padding,
                                     long_text=config.long_text, chunk_overlap=config.chunk_overlap,
                                     chunk_pooling=config.chunk_pooling, **options))
