@@ -79,6 +79,18 @@ def tiny_engine(tmp_path_factory) -> Path:
     return engine
 
 
+@pytest.fixture(scope="session")
+def minilm_engine(tmp_path_factory, minilm_dir) -> Path:
+    """The bundled all-MiniLM-L6-v2 exported once per session to an fp32 ONNX bundle: a real model, for tests
+    whose retrieval must rank a relevant document first (the adapters' end-to-end tests)."""
+    from export.build import export_bundle
+
+    engine = tmp_path_factory.getbasetemp() / "minilm-engine" / "minilm.onnx"
+    if not Path(f"{engine}.manifest.json").is_file():
+        export_bundle(minilm_dir, engine)
+    return engine
+
+
 TORCH_FREE_CHECK = """
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "trainer", "export", "transformers"))
 assert not bad, bad
