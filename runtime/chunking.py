@@ -17,6 +17,7 @@ out of every chunk's mean. A chunk's span is ``[start, end)`` of its window in t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,22 @@ class Chunks:
         return int(np.count_nonzero(self.index == 1))
 
 
+class WindowTooSmall(ValueError):
+    """A row whose instruction leaves windows no longer than the overlap. ``row``: its position among the rows
+    split; ``item``: that row's input, when the caller knows it (``runtime.Encoder`` sets it); ``reason``: why."""
+
+    def __init__(self, row: int, reason: str) -> None:
+        super().__init__(f"input {row}: {reason}")
+        self.row, self.reason = row, reason
+        self.item: Any = None
+
+
+def max_overlap(max_len: int, prefix: int, tail: int) -> int:
+    """The largest overlap that still moves every window on by a token: a window (``max_len`` less the ``prefix``
+    the pooling leaves out and the ``tail`` special tokens) must be longer than the overlap. Negative: no room."""
+    return max_len - prefix - tail - 1
+
+
 def check_options(long_text: str, overlap: int, pooling: str) -> None:
     if long_text not in LONG_TEXT:
         raise ValueError(f"long_text must be one of {', '.join(LONG_TEXT)}, got {long_text!r}")
@@ -62,11 +79,11 @@ def split(full: Encoded, max_len: int, overlap: int, head: int, tail: int) -> Ch
         else:
             prefix = max(n, head)
             width = max_len - prefix - tail
-            if width <= overlap:
-                raise ValueError(
-                    f"input {r}: the instruction takes {prefix} of the {max_len} tokens, which leaves windows of "
+            if overlap > max_overlap(max_len, prefix, tail):
+                raise WindowTooSmall(r, (
+                    f"the instruction takes {prefix} of the {max_len} tokens, which leaves windows of "
                     f"{max(width, 0)} tokens: not more than the {overlap}-token overlap (shorten it or the instruction)"
-                )
+                ))
             content_end = len(row_ids) - tail
             stride = width - overlap
             last = max(content_end - prefix - width, 0)

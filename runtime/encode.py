@@ -13,9 +13,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from runtime import exit_codes
 from runtime.atomic import publish
 from runtime.bundle import EngineError
-from runtime.chunking import LONG_TEXT, POOLING
+from runtime.chunking import LONG_TEXT, POOLING, WindowTooSmall, max_overlap
 from runtime.deps import MissingDependency
 from runtime.batching import GPU_MAX_TOKENS
 from runtime.encoder import DEFAULT_MAX_TOKENS, Encoder, Window
@@ -24,10 +25,24 @@ from runtime.locks import ExclusiveLock, LockHeld
 from runtime.output_dtype import NEEDS_RANGES, OUTPUT_DTYPES, calibration_ranges, load_ranges, ranges_path, save_ranges
 from runtime.readers import InputError, Record, Skipped, input_format, read_records
 from runtime.resume import ResumeError, ShardStore, parts_dir, records_digest
+from runtime.tokenization import InstructionTokenizer
 from runtime.writers import check_output, write_output
 
-EXIT_INPUT = 1  # bad input data (the message names file, line and field)
-EXIT_SETUP = 2  # engine missing/corrupt/mismatched, bad options, output in the way, disk or permission trouble
+EXIT_INPUT = exit_codes.INPUT  # bad input data (the message names file, line and field)
+EXIT_SETUP = exit_codes.USAGE  # engine missing/corrupt/mismatched, bad options, output in the way
+EXIT_ENVIRONMENT = exit_codes.ENVIRONMENT  # another run holding the output, a missing package, disk full, permissions
+
+# What each failure means for the exit code (most specific first; other OSErrors by errno, anything else internal).
+KNOWN_ERRORS: dict[type[BaseException], int] = {
+    InputError: EXIT_INPUT,
+    LockHeld: EXIT_ENVIRONMENT,
+    MissingDependency: EXIT_ENVIRONMENT,
+    EngineError: EXIT_SETUP,
+    ResumeError: EXIT_SETUP,
+    FileExistsError: EXIT_SETUP,
+    ValueError: EXIT_SETUP,
+}
+RESUME_HINT = "finished shards are kept: fix this and run the same command again to resume"
 
 DESCRIPTION = """\
 Embed a file of documents with an exported engine (.onnx via ONNX Runtime, .plan via TensorRT; no torch), or a
@@ -55,12 +70,13 @@ Crash-safe: finished shards of --shard-rows rows are kept in OUTPUT.parts/ with 
 input rows each shard came from. After an interruption (even kill -9, a full disk) run the same command again:
 it resumes, and the output is byte-identical to an uninterrupted run; an input edited since is refused. The output
 appears in one rename when complete. --overwrite starts again from scratch. One run at a time may write an output
-(OUTPUT.lock); a second one exits 2 naming the first.
+(OUTPUT.lock); a second one exits 3 naming the first.
 
 The engine file is checked against its manifest's sha256 on its first use (then remembered by path, size, times
 and inode in the cache folder); --no-verify-engine skips that.
 
-Exit codes: 0 done; 1 bad input (file:line: field: why); 2 engine, option, output or system problem.
+Rows with an 'instruction' field but no --instruction-field are embedded as plain text: a warning on stderr and in
+the summary's "warnings" says so.
 """
 
 # Called at named points of a run ("save:3", "commit:3", "publish", "summary"): tests stop the process there.
@@ -70,7 +86,8 @@ PointHook = Callable[[str], None]
 def build_parser() -> argparse.ArgumentParser:
     d = EncodeJob  # every default comes from the job's fields
     p = argparse.ArgumentParser(
-        prog="python -m runtime.encode", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m runtime.encode", description=DESCRIPTION, epilog=exit_codes.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
     )
     p.add_argument("--engine", required=True, help="engine bundle: NAME.onnx, NAME.plan or NAME.pt2 (from `python -m export`)")
     p.add_argument("--input", required=True, type=Path, help="documents: .txt, .jsonl, .csv, .tsv or .parquet")
@@ -108,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the engine file's sha256 against the manifest on its first use (default: on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output and discard unfinished work")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no printed summary (still written to file)")
+    p.add_argument("--debug", action="store_true", help="on an internal error, print the traceback (else it goes to a log file)")
     r = RayOptions
     ray = p.add_argument_group("Ray (many GPUs or machines; needs pip install 'instructor-stack[dist]')")
     ray.add_argument("--ray", action="store_true",
@@ -124,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_job(argv: list[str] | None = None) -> EncodeJob:
     """The command line as an ``EncodeJob``; bad options exit 2 with argparse's usage message."""
+    return _parse(argv)[0]
+
+
+def _parse(argv: list[str] | None) -> tuple[EncodeJob, argparse.Namespace]:
     p = build_parser()
     a = p.parse_args(argv)
     if a.build_on_worker and not a.ray:
@@ -143,7 +165,7 @@ def parse_job(argv: list[str] | None = None) -> EncodeJob:
     problems = job.problems()
     if problems:
         p.error("; ".join(problems))
-    return job
+    return job, a
 
 
 def resume_fingerprint(job: EncodeJob, encoder: Encoder) -> dict[str, object]:
@@ -186,6 +208,32 @@ def check_paths(job: EncodeJob) -> None:
         raise ValueError(f"{out}: the output is the input file; choose another output path (--overwrite never replaces the input)")
     if out.is_dir() and job.ray is None:
         raise ValueError(f"{out}: is a folder; the output must be a .npy or .parquet file path")
+    folder = out.absolute().parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"{out}: the output's folder {folder} {what}; create it first or choose another --output")
+
+
+def check_chunk_overlap(job: EncodeJob, tokenizer: InstructionTokenizer) -> None:
+    """With --long-text chunk, refuse before any row is encoded an overlap that leaves no room for windows.
+
+    The bound is the engine's: max_seq_length less its special tokens (and --instruction's tokens, which every
+    chunk repeats). A per-row instruction too long for the overlap is named by its line when it is met.
+    """
+    if job.long_text != "chunk":
+        return
+    head, tail = tokenizer.special_tokens
+    prefix, given = len(head), ""
+    if job.instruction is not None:
+        n = int(tokenizer.encode([[job.instruction, ""]], truncate=False).instruction_count[0])
+        prefix, given = max(prefix, n), f"; --instruction takes {n}"
+    limit = max_overlap(tokenizer.max_seq_length, prefix, len(tail))
+    if job.chunk_overlap > limit:
+        specials = len(head) + len(tail)
+        engine = f"max_seq_length {tokenizer.max_seq_length}, of which {specials} special token{'' if specials == 1 else 's'}{given}"
+        if limit < 0:
+            raise ValueError(f"--long-text chunk: this engine's windows have no room left ({engine}); shorten --instruction")
+        raise ValueError(f"--chunk-overlap {job.chunk_overlap}: must be in [0, {limit}] for this engine ({engine})")
 
 
 def run(job: EncodeJob, on_point: PointHook | None = None) -> RunSummary:
@@ -205,11 +253,12 @@ def _run_locked(job: EncodeJob, hook: PointHook) -> RunSummary:
         raise FileExistsError(f"{job.output} exists; pass --overwrite to replace it")
     started = time.perf_counter()
     encoder = Encoder(job.engine, device=job.engine_device, window=job.shard_rows, **job.encoder_options())
+    check_chunk_overlap(job, encoder.tokenizer)
     given_ranges = load_ranges(job.int8_ranges, encoder.embedding_dim) if job.int8_ranges else None
     store = ShardStore(job.output, resume_fingerprint(job, encoder)).open(overwrite=job.overwrite)
     resumed = store.done_rows
     skipped = Skipped()
-    records = _after_done_windows(read_records(job.input, job.reader_options(), skipped), store)
+    records = _warn_once(_after_done_windows(read_records(job.input, job.reader_options(), skipped), store), skipped, job)
     bar = tqdm(desc="Encoding", unit="doc", initial=resumed, disable=job.quiet, dynamic_ncols=True, file=sys.stderr)
     session = {"rows": 0, "tokens": 0}  # encoded by this run (a resumed run counts only its own rows)
     loop_start = time.perf_counter()
@@ -229,9 +278,11 @@ def _run_locked(job: EncodeJob, hook: PointHook) -> RunSummary:
                 hook(f"save:{len(store.shards)}")
                 store.commit(window.stats, records_digest(window.items), len(arrays["vectors"]))
                 hook(f"commit:{len(store.shards)}")
-    except InputError:
+    except (InputError, WindowTooSmall) as exc:
         if not store.shards:  # nothing worth resuming: leave no parts folder in the way of the fixed input
             store.remove()
+        if isinstance(exc, WindowTooSmall):
+            raise too_long_instruction(job, exc) from exc
         raise
     loop_s = time.perf_counter() - loop_start
     stats = store.stats
@@ -311,34 +362,36 @@ def _after_done_windows(records: Iterable[Record], store: ShardStore) -> Iterato
     yield from source
 
 
-def _system_error(exc: OSError) -> str:
-    """One line for a disk, permission or path problem, and what to do about it."""
-    where = f"{exc.filename}: " if exc.filename else ""
-    return (
-        f"{where}{exc.strerror or exc} (errno {exc.errno}); finished shards are kept: "
-        "fix this and run the same command again to resume"
-    )
+def too_long_instruction(job: EncodeJob, exc: WindowTooSmall) -> InputError:
+    """A row whose own instruction leaves chunk windows no longer than --chunk-overlap, named by file and line."""
+    line = getattr(exc.item, "line", None)
+    return InputError(job.input, line, job.instruction_field, f"{exc.reason}; or lower --chunk-overlap")
+
+
+def _warn_once(records: Iterable[Record], skipped: Skipped, job: EncodeJob) -> Iterator[Record]:
+    """The records; the first time the reader reports an unused instruction field, a warning on stderr."""
+    warned = False
+    for record in records:
+        if not warned and skipped.unused_instruction is not None:
+            tqdm.write(f"warning: {skipped.unused_instruction.warning(job.input)}", file=sys.stderr)
+            warned = True
+        yield record
 
 
 def main(argv: list[str] | None = None, on_point: PointHook | None = None) -> int:
-    job = parse_job(argv)
-    try:
+    """The command: exit 0 done, 1 bad input data, 2 bad usage or configuration, 3 environment, 4 internal, 130."""
+    job, args = _parse(argv)
+
+    def body() -> int:
         summary = run(job, on_point)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except (EngineError, MissingDependency, ResumeError, LockHeld, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_SETUP
-    except OSError as exc:
-        print(f"error: {_system_error(exc)}", file=sys.stderr)
-        return EXIT_SETUP
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
-    if not job.quiet:
-        print(json.dumps(summary.as_dict(), indent=2))
-    return 0
+        if not job.quiet:
+            print(json.dumps(summary.as_dict(), indent=2))
+        return exit_codes.OK
+
+    return exit_codes.run_cli(
+        body, prog="runtime.encode", known=KNOWN_ERRORS, debug=args.debug, os_hint=RESUME_HINT,
+        on_interrupt="interrupted: run the same command again to resume",
+    )
 
 
 if __name__ == "__main__":

@@ -168,6 +168,7 @@ class RunSummary:
     split_rows: int | None = None  # rows cut into several chunks
     output_vectors: int | None = None  # vectors in the output (one per chunk with --chunk-output all)
     ranges: str | None = None  # int8/uint8: the file of the ranges used (OUTPUT.ranges.npy)
+    warnings: list[str] | None = None  # what the run did that may not be what was meant (an unused instruction field)
 
     @classmethod
     def of(cls, job: EncodeJob, manifest: Any, skipped: Skipped, rows: int, tokens: int, truncated: int,
@@ -180,7 +181,8 @@ class RunSummary:
             blank_lines=skipped.blank_lines, elapsed_s=round(elapsed, 3),
             docs_per_s=round(rate_rows / max(seconds, 1e-9), 2), tokens_per_s=round(rate_tokens / max(seconds, 1e-9), 1),
             embedding_dim=manifest.embedding_dim, output_dtype=job.output_dtype, engine=job.engine,
-            engine_manifest_sha256=manifest.sha256, precision=manifest.precision, **extra,
+            engine_manifest_sha256=manifest.sha256, precision=manifest.precision,
+            warnings=[skipped.unused_instruction.warning(job.input)] if skipped.unused_instruction else None, **extra,
         )
 
     def as_dict(self) -> dict[str, Any]:

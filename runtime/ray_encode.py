@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -35,7 +36,9 @@ from runtime.deps import require
 from runtime.job import EncodeJob, RayOptions, RunSummary
 from runtime.locks import owned_temp_dir
 from runtime.output_dtype import load_ranges
-from runtime.readers import InputError, ReaderOptions, Skipped, Span, input_format, plan_spans, read_records
+from runtime.chunking import WindowTooSmall
+from runtime.encode import check_chunk_overlap
+from runtime.readers import InputError, ReaderOptions, Skipped, Span, UnusedInstruction, input_format, plan_spans, read_records
 from runtime.tokenization import Encoded, InstructionTokenizer
 from runtime.writers import embedding_array
 
@@ -71,9 +74,10 @@ def _read_span(path: str, opts: ReaderOptions, index: int, span: Span, skipped_d
         if opts.id_field is not None:
             columns["id"] = pa.array([r.id for r in chunk], type=pa.string())
         yield pa.table(columns)
-    if skipped.count or skipped.blank_lines:  # a retried task rewrites the same file: counts stay exact
+    unused = skipped.unused_instruction
+    if skipped.count or skipped.blank_lines or unused:  # a retried task rewrites the same file: counts stay exact
         report = {"count": skipped.count, "lines": skipped.lines, "errors": skipped.first_errors,
-                  "blank_lines": skipped.blank_lines}
+                  "blank_lines": skipped.blank_lines, "unused_instruction": [unused.name, unused.line] if unused else None}
         atomic_write_text(Path(skipped_dir) / f"span-{index:08d}.json", json.dumps(report))
 
 
@@ -153,7 +157,11 @@ class _EncodeActor:
             instruction_count=batch.column("instruction_count").to_numpy(),
             truncated=batch.column("truncated").to_numpy(zero_copy_only=False),
         )
-        window = self.encoder.encode_tokenized(encoded, self.job.batch_size, keep_chunks=self.job.keep_chunks)
+        try:
+            window = self.encoder.encode_tokenized(encoded, self.job.batch_size, keep_chunks=self.job.keep_chunks)
+        except WindowTooSmall as exc:  # name the row by its line, as the single-process CLI does
+            line = batch.column("line")[exc.row].as_py()
+            raise InputError(self.job.input, line, self.job.instruction_field, f"{exc.reason}; or lower --chunk-overlap") from None
         out = batch.drop_columns(["input_ids", "instruction_count"])
         out = out.append_column("tokens", pa.array(encoded.lengths, type=pa.int32()))
         vectors = window.vectors
@@ -202,6 +210,7 @@ def encode_with_ray(job: EncodeJob, before_batch: Callable[[], None] | None = No
     engine, output = job.engine, job.output
     manifest = load_manifest(engine, verify_engine=job.verify_engine)  # fail fast on the driver, before any cluster work
     input_format(job.input)
+    check_chunk_overlap(job, InstructionTokenizer(tokenizer_path(engine), manifest.max_seq_length, manifest.do_lower_case))
     if output.suffix.lower() == ".npy":
         raise ValueError(f"{output}: with --ray the output is a folder of parquet shards, not a .npy file")
     if output.exists() and not job.overwrite:
@@ -220,6 +229,8 @@ def encode_with_ray(job: EncodeJob, before_batch: Callable[[], None] | None = No
         os.replace(staging, output)
         summary = _summary(job, skipped_dir, elapsed, manifest, opts.num_workers, gpus)
     summary.write()
+    for warning in summary.warnings or ():
+        print(f"warning: {warning}", file=sys.stderr)
     return summary
 
 
@@ -283,6 +294,11 @@ def _summary(job: EncodeJob, skipped_dir: Path, elapsed: float, manifest: Any, w
         skipped.lines += part["lines"]
         skipped.first_errors += part["errors"]
         skipped.blank_lines += part["blank_lines"]
+        if part.get("unused_instruction"):
+            found = UnusedInstruction(*part["unused_instruction"])
+            first = skipped.unused_instruction
+            if first is None or (found.line or 0) < (first.line or 0):
+                skipped.unused_instruction = found
     return RunSummary.of(
         job, manifest, skipped, rows, tokens, 0 if chunked else long_rows, elapsed, rate=(rows, tokens, elapsed),
         workers=workers,

@@ -25,6 +25,7 @@ FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", 
 MAX_LISTED = 1000  # skipped line numbers kept for the summary (the count is always exact)
 MAX_ERRORS = 10  # skipped rows' messages kept for the summary
 BOM = "\ufeff"
+INSTRUCTION_NAMES = ("instruction",)  # a field by this name, left unused, is most likely a forgotten --instruction-field
 
 
 class InputError(ValueError):
@@ -51,14 +52,33 @@ class Record:
         return self.text if self.instruction is None else [self.instruction, self.text]
 
 
+@dataclass(frozen=True)
+class UnusedInstruction:
+    """Rows hold an instruction-like field (``name``, first at ``line``) that nothing uses: no ``--instruction-field``
+    and no ``--instruction`` was given, so they are embedded as plain text. Worth a warning, not an error: plain text
+    may be what was meant."""
+
+    name: str
+    line: int | None  # None: the column of a parquet file
+
+    def warning(self, path: str | Path) -> str:
+        where = f"{path}:{self.line}" if self.line is not None else str(path)
+        return (
+            f"{where}: rows have an {self.name!r} field, but without --instruction-field it is not used: they are "
+            f"embedded as plain text (pass --instruction-field {self.name} to embed [instruction, text] pairs)"
+        )
+
+
 @dataclass
 class Skipped:
-    """Rows left out under ``--on-error skip``: exact count, the first ``MAX_LISTED`` line numbers and messages."""
+    """What reading left out: rows skipped under ``--on-error skip`` (exact count, the first ``MAX_LISTED`` line
+    numbers and messages), blank lines, and an instruction-like field left unused."""
 
     count: int = 0
     lines: list[int] = field(default_factory=list)
     first_errors: list[str] = field(default_factory=list)
     blank_lines: int = 0  # blank lines of a JSON Lines file: not rows, not errors, only counted
+    unused_instruction: UnusedInstruction | None = None  # the first such field seen
 
     def add(self, err: InputError) -> None:
         self.count += 1
@@ -109,6 +129,8 @@ def read_records(path: str | Path, opts: ReaderOptions, skipped: Skipped, span: 
     for row in rows:
         if row is None:
             skipped.blank_lines += 1
+        elif isinstance(row, UnusedInstruction):
+            skipped.unused_instruction = skipped.unused_instruction or row
         elif isinstance(row, InputError):
             if opts.on_error == "raise":
                 raise row
@@ -219,6 +241,13 @@ def _record(path: Path, line: int, row: dict[str, Any], opts: ReaderOptions) -> 
     return Record(line=line, text=text, instruction=instruction, id=rid)
 
 
+def _unused_instruction(names: Any, opts: ReaderOptions) -> str | None:
+    """The instruction-like field among ``names`` that these options leave unused, if any."""
+    if opts.instruction is not None or opts.instruction_field is not None:
+        return None
+    return next((n for n in INSTRUCTION_NAMES if n in names and n not in (opts.text_field, opts.id_field)), None)
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -245,8 +274,12 @@ def parse_json_line(text: str) -> tuple[Any, str | None]:
         return None, f"unreadable JSON value ({str(exc).split(':')[0]})"
 
 
-def _jsonl_rows(path: Path, opts: ReaderOptions, span: Span | None = None) -> Iterator[Record | InputError | None]:
-    """Records; ``None`` for a blank line (counted by ``read_records``, never an error)."""
+def _jsonl_rows(
+    path: Path, opts: ReaderOptions, span: Span | None = None
+) -> Iterator[Record | InputError | UnusedInstruction | None]:
+    """Records; ``None`` for a blank line (counted by ``read_records``, never an error); the first unused
+    instruction-like field once, before its row."""
+    watch = _unused_instruction(INSTRUCTION_NAMES, opts) is not None
     for line, text in _decoded_lines(path, span):
         if isinstance(text, InputError):
             yield text
@@ -261,10 +294,13 @@ def _jsonl_rows(path: Path, opts: ReaderOptions, span: Span | None = None) -> It
         if not isinstance(row, dict):
             yield InputError(path, line, None, f"expected a JSON object, got {type(row).__name__}")
             continue
+        if watch and (name := _unused_instruction(row, opts)):
+            yield UnusedInstruction(name, line)
+            watch = False
         yield _record(path, line, row, opts)
 
 
-def _csv_rows(path: Path, opts: ReaderOptions) -> Iterator[Record | InputError]:
+def _csv_rows(path: Path, opts: ReaderOptions) -> Iterator[Record | InputError | UnusedInstruction]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     position = {"line": 0}
     undecodable: dict[int, InputError] = {}
@@ -289,6 +325,8 @@ def _csv_rows(path: Path, opts: ReaderOptions) -> Iterator[Record | InputError]:
     for name in (opts.text_field, opts.instruction_field, opts.id_field):
         if name is not None and name not in header:
             raise InputError(path, 1, name, f"no such column (the header has {header})")
+    if name := _unused_instruction(header, opts):
+        yield UnusedInstruction(name, 1)
     while True:
         start = position["line"] + 1
         try:
@@ -309,8 +347,14 @@ def _csv_rows(path: Path, opts: ReaderOptions) -> Iterator[Record | InputError]:
             yield _record(path, start, dict(zip(header, cells)), opts)
 
 
-def _parquet_rows(path: Path, opts: ReaderOptions, span: Span | None = None) -> Iterator[Record | InputError]:
-    """Rows in file order, read a record batch at a time; ``line`` is the 1-based row number."""
+def _parquet_rows(
+    path: Path, opts: ReaderOptions, span: Span | None = None
+) -> Iterator[Record | InputError | UnusedInstruction]:
+    """Rows in file order, read a record batch at a time; ``line`` is the 1-based row number.
+
+    A row group that cannot be decoded (a damaged page) stops the read with an ``InputError`` naming the group
+    and its rows, whatever ``on_error`` says: its rows cannot be told apart.
+    """
     pq = require("pyarrow.parquet", "io", "reading .parquet")
     try:
         pfile = pq.ParquetFile(path)
@@ -321,9 +365,22 @@ def _parquet_rows(path: Path, opts: ReaderOptions, span: Span | None = None) -> 
     for name in columns:
         if name not in names:
             raise InputError(path, None, name, f"no such column (the file has {names})")
+    if name := _unused_instruction(names, opts):
+        yield UnusedInstruction(name, None)
     row_number = 0 if span is None else span.first_line - 1
-    groups = None if span is None else list(range(span.start, span.end))
-    for batch in pfile.iter_batches(batch_size=4096, columns=columns, row_groups=groups):
-        for row in batch.to_pylist():
-            row_number += 1
-            yield _record(path, row_number, row, opts)
+    groups = range(pfile.num_row_groups) if span is None else range(span.start, span.end)
+    for group in groups:
+        first, size = row_number + 1, pfile.metadata.row_group(group).num_rows
+        batches = pfile.iter_batches(batch_size=4096, columns=columns, row_groups=[group])
+        while True:
+            try:
+                batch = next(batches, None)
+            except (OSError, ValueError) as exc:  # pyarrow: OSError / ArrowInvalid for a damaged page
+                why = " ".join(str(exc).split())
+                raise InputError(path, None, None, f"row group {group} (rows {first}-{first + size - 1}) is damaged and "
+                                 f"cannot be read ({why})") from exc
+            if batch is None:
+                break
+            for row in batch.to_pylist():
+                row_number += 1
+                yield _record(path, row_number, row, opts)

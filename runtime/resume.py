@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -64,8 +65,8 @@ class ShardStore:
         if self.state_path.is_file():
             try:
                 state = json.loads(self.state_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ResumeError(f"{self.state_path}: unreadable ({exc}); pass --overwrite to start again") from exc
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
+                raise self._damaged(f"unreadable ({exc})") from exc
             if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("job") != self.job:
                 old = state.get("job") if isinstance(state, dict) and isinstance(state.get("job"), dict) else {}
                 changed = sorted(k for k in set(old) | set(self.job) if old.get(k) != self.job.get(k))
@@ -73,7 +74,7 @@ class ShardStore:
                     f"{self.dir}: unfinished work of a different job (differs in: {', '.join(changed) or 'format'}); "
                     "run the same command to resume it, or pass --overwrite to start again"
                 )
-            self.shards = list(state["shards"])
+            self.shards = self._checked_shards(state.get("shards"))
             for index in range(len(self.shards)):
                 if not self.shard_path(index).is_file():
                     raise ResumeError(f"{self.shard_path(index)}: committed shard missing; pass --overwrite to start again")
@@ -81,6 +82,24 @@ class ShardStore:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._write_state()
         return self
+
+    def _damaged(self, why: str) -> ResumeError:
+        return ResumeError(f"{self.state_path}: damaged state file: {why}; pass --overwrite to start again")
+
+    def _checked_shards(self, shards: Any) -> list[dict[str, Any]]:
+        """The state's shard records, each with every count a non-negative integer and a digest; else ``ResumeError``."""
+        if not isinstance(shards, list):
+            raise self._damaged(f"'shards' is {type(shards).__name__}, not a list")
+        for index, shard in enumerate(shards):
+            if not isinstance(shard, dict):
+                raise self._damaged(f"shard {index} is {type(shard).__name__}, not an object")
+            for key in (*COUNTS, "vectors"):
+                value = shard.get(key)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise self._damaged(f"shard {index}: {key!r} is {json.dumps(value)[:40]}, not a count")
+            if not isinstance(shard.get("input_digest"), str):
+                raise self._damaged(f"shard {index}: 'input_digest' missing or not a string")
+        return list(shards)
 
     @property
     def done_rows(self) -> int:
@@ -131,8 +150,10 @@ class ShardStore:
             try:
                 with np.load(path, allow_pickle=False) as data:
                     arrays = {name: data[name] for name in data.files}
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
                 raise ResumeError(f"{path}: unreadable shard ({exc}); pass --overwrite to start again") from exc
+            if "vectors" not in arrays:
+                raise ResumeError(f"{path}: unreadable shard (no vectors); pass --overwrite to start again")
             if len(arrays["vectors"]) != shard["vectors"]:
                 raise ResumeError(f"{path}: {len(arrays['vectors'])} vectors, the state says {shard['vectors']}; pass --overwrite")
             yield arrays

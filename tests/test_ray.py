@@ -128,7 +128,7 @@ def test_without_ray_installed_the_cli_says_what_to_install(tiny_engine, corpus,
         f"'--output', {str(tmp_path / 'o')!r}, '--ray', '--quiet']))"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
+    assert proc.returncode == 3  # a missing optional package is the environment (runtime.exit_codes)
     assert "pip install 'instructor-stack[dist]'" in proc.stderr
 
 
@@ -165,3 +165,16 @@ def test_plan_profile_round_trips_through_the_manifest():
 
     profile = Profile(max_batch=64, opt_batch=32, max_seq=512, opt_seq=128)
     assert Profile.from_dict(profile.as_dict()) == profile
+
+
+def test_an_unused_instruction_field_is_warned_as_in_cli(tiny_engine, tmp_path, capsys):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"text": "plain"}\n{"text": "x", "instruction": "Represent: "}\n', encoding="utf-8")
+    assert _cli("--engine", str(tiny_engine), "--input", str(src), "--output", str(tmp_path / "a.npy")) == 0
+    single = capsys.readouterr().err
+    assert _cli("--engine", str(tiny_engine), "--input", str(src), "--output", str(tmp_path / "b"), "--ray") == 0
+    on_ray = capsys.readouterr().err
+    warning = f"warning: {src}:2: rows have an 'instruction' field, but without --instruction-field it is not used"
+    assert warning in single and warning in on_ray
+    assert json.loads((tmp_path / "b.summary.json").read_text())["warnings"] == json.loads(
+        (tmp_path / "a.npy.summary.json").read_text())["warnings"]

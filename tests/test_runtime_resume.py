@@ -106,3 +106,25 @@ def test_overwrite_discards_unfinished_work(tiny_engine, corpus, tmp_path):
     assert run(cmd, hook="kill@commit:2").returncode == -signal.SIGKILL
     again = run(cmd + ["--overwrite"])
     assert again.returncode == 0 and resumed_rows(out) == 0
+
+
+@pytest.mark.parametrize("damage,why", [
+    (lambda s: json.dumps(s)[:60], "unreadable"),
+    (lambda s: json.dumps({**s, "shards": None}), "'shards' is NoneType, not a list"),
+    (lambda s: json.dumps({**s, "shards": [1, 2]}), "shard 0 is int, not an object"),
+    (lambda s: json.dumps({**s, "shards": [{**s["shards"][0], "rows": "8"}]}), "shard 0: 'rows' is \"8\", not a count"),
+    (lambda s: json.dumps({**s, "shards": [{k: v for k, v in s["shards"][0].items() if k != "input_digest"}]}),
+     "shard 0: 'input_digest' missing or not a string"),
+])
+def test_a_damaged_state_file_is_one_line_naming_it(tiny_engine, corpus, tmp_path, damage, why):
+    """A damaged OUTPUT.parts/state.json was a traceback (issue 32): now one line, the file, and --overwrite."""
+    out = tmp_path / "out.npy"
+    cmd = command(tiny_engine, corpus, out)
+    assert run(cmd, hook="kill@commit:2").returncode == -signal.SIGKILL
+    state = Path(f"{out}.parts") / "state.json"
+    state.write_text(damage(json.loads(state.read_text())))
+    again = run(cmd)
+    assert again.returncode == 2 and "Traceback" not in again.stderr and len(again.stderr.splitlines()) == 1
+    assert again.stderr.startswith(f"error: {state}: damaged state file: {why}")
+    assert again.stderr.rstrip().endswith("pass --overwrite to start again")
+    assert run(cmd + ["--overwrite"]).returncode == 0 and resumed_rows(out) == 0

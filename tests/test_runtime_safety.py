@@ -55,7 +55,7 @@ def reference(engine: Path, docs: list[str]) -> np.ndarray:
 # -- 1. one run per output ---------------------------------------------------------------------------------------
 
 
-def test_a_second_run_on_a_busy_output_exits_2_and_takes_nothing_over(tiny_engine, tmp_path):
+def test_a_second_run_on_a_busy_output_exits_3_and_takes_nothing_over(tiny_engine, tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", texts(40, "alpha"))
     b = write_jsonl(tmp_path / "b.jsonl", texts(40, "beta"))
     out = tmp_path / "out.npy"
@@ -65,7 +65,7 @@ def test_a_second_run_on_a_busy_output_exits_2_and_takes_nothing_over(tiny_engin
         for other in (["--input", str(b), "--overwrite"], ["--input", str(a)]):  # B with --overwrite; the same command
             argv = ["--engine", str(tiny_engine), *other, "--output", str(out), "--shard-rows", "8"]
             second = subprocess.run(cli(*argv), cwd=ROOT, capture_output=True, text=True, timeout=120)
-            assert second.returncode == 2, second.stderr
+            assert second.returncode == encode.EXIT_ENVIRONMENT, second.stderr  # another run is the environment
             assert f"is in use by another run (pid {first.pid}" in second.stderr
             assert "Traceback" not in second.stderr
     finally:
@@ -269,7 +269,7 @@ def test_disk_errors_end_in_a_message_and_the_same_command_resumes(tiny_engine, 
         return real_save(self, *a, **k)
 
     monkeypatch.setattr(resume.ShardStore, "save_shard", failing_save)
-    assert encode.main(args) == 2
+    assert encode.main(args) == encode.EXIT_ENVIRONMENT
     err = capsys.readouterr().err
     assert what in err and "run the same command again to resume" in err and "Traceback" not in err
     monkeypatch.undo()
@@ -278,7 +278,7 @@ def test_disk_errors_end_in_a_message_and_the_same_command_resumes(tiny_engine, 
     np.testing.assert_allclose(np.load(out), reference(tiny_engine, texts(30, "alpha")), atol=1e-6, rtol=0)
 
 
-# -- optional dependencies: one exception, one message, exit 2 --------------------------------------------------------
+# -- optional dependencies: one exception, one message, exit 3 --------------------------------------------------------
 
 
 def test_a_missing_optional_package_names_its_extra(tiny_engine, tmp_path, capsys, monkeypatch):
@@ -291,4 +291,4 @@ def test_a_missing_optional_package_names_its_extra(tiny_engine, tmp_path, capsy
     src = write_jsonl(tmp_path / "d.jsonl", ["x"])
     rc = encode.main(["--engine", str(tiny_engine), "--input", str(src), "--output", str(tmp_path / "o.parquet"), "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 2 and "writing .parquet needs pyarrow" in err and "pip install 'instructor-stack[io]'" in err
+    assert rc == encode.EXIT_ENVIRONMENT and "writing .parquet needs pyarrow" in err and "pip install 'instructor-stack[io]'" in err
