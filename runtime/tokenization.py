@@ -9,7 +9,10 @@ no strip and counted the instruction's tokens on ``I`` as written.
 
 A very long text is not tokenized whole (a 50 MB row would take gigabytes): only a prefix that already holds more
 than ``max_seq_length`` tokens of complete words, so that its first ``max_seq_length`` tokens are those of the
-whole text (see ``InstructionTokenizer.bounded``).
+whole text; past ``max_seq_length`` x 512 characters the text's long runs that give one token or none (whitespace,
+removed characters, unknown characters, a WordPiece word over its length limit) are folded first
+(``runtime.run_folding``), so no row makes the tokenizer hold more than that many characters (see
+``InstructionTokenizer.bounded``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from runtime.run_folding import RunFolder
+
 # Bumped whenever the rules above change; engine manifests record it so a runtime can refuse a mismatch.
 INSTRUCTION_RULES_VERSION = "instructor-1.0.1"
 
@@ -32,6 +37,12 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # A text longer than max_seq_length x this many characters is cut to a prefix before tokenizing (real text averages
 # 4 to 6 characters a token; the prefix grows when it holds too few tokens).
 PREFIX_CHARS_PER_TOKEN = 32
+# No text of more than max_seq_length x this many characters is tokenized for a truncated row: a longer one is folded
+# (runtime.run_folding) down to a prefix of this many characters. Folded, every 512 characters of text give tokens
+# (a SentencePiece piece is at most 16 characters, a WordPiece word 100), so the prefix still holds the first
+# max_seq_length tokens; peak memory per row is bounded by it (T5, 512 tokens: 262,144 characters).
+MAX_CHARS_PER_TOKEN = 512
+KEEP_SLACK = 8  # cuts checked past two pieces' length, for characters the normalizer removes
 
 
 def has_lone_surrogate(text: str) -> bool:
@@ -112,6 +123,8 @@ class InstructionTokenizer:
         self._special_suffix = self._tok.post_processor is not None
         self._count_cache: dict[str, int] = {}
         self._untruncated: Tokenizer | None = None  # made on the first very long text
+        self._folder: RunFolder | None = None
+        self._longest_piece: int | None = None
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, strip: bool = True) -> "InstructionTokenizer":
@@ -169,7 +182,7 @@ class InstructionTokenizer:
         instructions = list(instructions)
         missing = sorted({i for i in instructions if i is not None and i not in self._count_cache})
         if missing:
-            texts = [self._prepare(i.strip() if self.strip else i) for i in missing]
+            texts = [self.bounded(self._prepare(i.strip() if self.strip else i)) for i in missing]
             encs = self._tok.encode_batch(texts, add_special_tokens=True)
             for instr, enc in zip(missing, encs):
                 n = len(enc.ids) - (1 if self._special_suffix else 0)
@@ -187,25 +200,79 @@ class InstructionTokenizer:
             self._untruncated.no_padding()
         return self._untruncated
 
-    def bounded(self, joined: str) -> str:
-        """``joined``, or a prefix of it whose first ``max_seq_length`` tokens are those of the whole string.
+    @property
+    def folder(self) -> RunFolder:
+        """Folds the long one-token runs of a text (``runtime.run_folding``) with this tokenizer's own rules."""
+        if self._folder is None:
+            self._folder = RunFolder(self.untruncated)
+        return self._folder
 
-        The pre-tokenizer splits text into words (T5: at spaces, BERT: at spaces and punctuation) and the model
-        tokenizes each word on its own, so the tokens of every word that ends before the cut are final; the last
-        two words of the prefix, which the cut or the normalizer's look-ahead may change, are not counted. When the
-        prefix holds more than ``max_seq_length`` final tokens, truncating it gives the whole text's ids and its
-        truncation flag. Otherwise the prefix grows (x4); a text without word breaks is tokenized whole.
+    def bounded(self, joined: str) -> str:
+        """``joined``, or a string of at most ``max_seq_length`` x ``MAX_CHARS_PER_TOKEN`` characters whose first
+        ``max_seq_length`` tokens (and truncation flag) are those of ``joined``.
+
+        First a prefix: the pre-tokenizer splits text into words (T5: at spaces, BERT: at spaces and punctuation)
+        and the model tokenizes each word on its own, so the tokens of every word that ends before the cut are
+        final; the last two words of the prefix, which the cut or the normalizer's look-ahead may change, are not
+        counted. When the prefix holds more than ``max_seq_length`` final tokens, truncating it gives the whole
+        text's ids and truncation flag; otherwise the prefix grows (x4). A text past the character limit that still
+        lacks them (one huge word, long runs of spaces, removed or unknown characters) is folded first
+        (``runtime.run_folding``: the same ids), and its prefixes are searched in the same way. A folded prefix whose
+        last word is still too long for that (a SentencePiece word of millions of known characters) is cut where
+        every cut within two pieces' length of it gives the same first tokens: the Viterbi segmentation of the rest
+        of the word cannot change them.
         """
-        cut = self.max_seq_length * PREFIX_CHARS_PER_TOKEN
+        n = self.max_seq_length
+        cut = n * PREFIX_CHARS_PER_TOKEN
         if len(joined) <= cut:
             return joined
-        while cut < len(joined):
-            words = [w for w in self.untruncated.encode(joined[:cut], add_special_tokens=False).word_ids if w is not None]
-            final = sum(1 for w in words if w < words[-1] - 1) if words else 0
-            if final > self.max_seq_length:
+        if self._final_tokens(joined[:cut]) > n:  # ordinary text stops here
+            return joined[:cut]
+        for short in (n * 4, n * 16):  # one long SentencePiece word from near the start
+            if self._stable(joined, short):
+                return joined[:short]
+        limit = n * MAX_CHARS_PER_TOKEN
+        cut *= 4
+        while cut < min(len(joined), limit):
+            if self._final_tokens(joined[:cut]) > n:
                 return joined[:cut]
             cut *= 4
-        return joined
+        if len(joined) <= limit:
+            return joined
+        text, complete = self.folder.fold(joined, budget=limit, first_tokens=n)
+        if complete or text != joined[: len(text)]:  # something was folded: search the folded text's prefixes
+            cut = n * PREFIX_CHARS_PER_TOKEN
+            while cut < len(text):
+                if self._final_tokens(text[:cut]) > n:
+                    return text[:cut]
+                cut *= 4
+        if complete:
+            return text
+        for cut in (n * 4, n * 16, n * 64):
+            if self._stable(text, cut):
+                return text[:cut]
+        return text  # the limit: a prefix of MAX_CHARS_PER_TOKEN x max_seq_length characters
+
+    def _final_tokens(self, prefix: str) -> int:
+        """Tokens of the words of ``prefix`` that no continuation can change (all words but the last two)."""
+        words = [w for w in self.untruncated.encode(prefix, add_special_tokens=False).word_ids if w is not None]
+        return sum(1 for w in words if w < words[-1] - 1) if words else 0
+
+    def _stable(self, text: str, cut: int) -> bool:
+        """Whether every prefix of ``text`` ending within two pieces' length of ``cut`` starts with the same
+        ``max_seq_length`` + 1 tokens. For a Unigram (SentencePiece) model that proves them final: the best
+        segmentation of any longer text has a token boundary in that window, and its tokens before the boundary are
+        the best segmentation of that prefix."""
+        if type(self._tok.model).__name__ != "Unigram" or cut >= len(text):
+            return False
+        if self._longest_piece is None:
+            self._longest_piece = max(len(piece) for piece in self._tok.get_vocab(with_added_tokens=False))
+        head, tail = self.special_tokens
+        wanted = self.max_seq_length - len(head) - len(tail) + 1
+        cuts = [c for c in range(cut - 2 * self._longest_piece - KEEP_SLACK, cut + 1) if c > 0]
+        encs = self.untruncated.encode_batch([text[:c] for c in cuts], add_special_tokens=False)
+        first = encs[0].ids[:wanted]
+        return len(first) == wanted and all(e.ids[:wanted] == first for e in encs)
 
     def encode(self, inputs: Sequence[InputItem], truncate: bool = True) -> Encoded:
         """Token ids (unpadded) and instruction counts for a list of inputs, in input order.
@@ -217,8 +284,10 @@ class InstructionTokenizer:
         if truncate:
             joined = [self.bounded(self.joined_text(instr, text)) for instr, text in parsed]
             encs = self._tok.encode_batch(joined, add_special_tokens=True)
-        else:
+        else:  # every token is wanted: only the runs that give one token or none are folded
+            limit = self.max_seq_length * MAX_CHARS_PER_TOKEN
             joined = [self.joined_text(instr, text) for instr, text in parsed]
+            joined = [self.folder.fold(j)[0] if len(j) > limit else j for j in joined]
             encs = self.untruncated.encode_batch(joined, add_special_tokens=True)
             ids = [enc.ids for enc in encs]
             long = np.fromiter((len(r) > self.max_seq_length for r in ids), dtype=bool, count=len(ids))

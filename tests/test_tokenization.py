@@ -137,3 +137,118 @@ def test_a_huge_row_is_tokenized_from_a_short_prefix(tok):
     item = ["Represent the document: ", huge]
     assert tok.encode([item]).ids == whole.encode([item]).ids
     assert tok.encode([item]).truncated.tolist() == [True]
+
+
+# -- any row, bounded: long runs that give one token or none are folded (runtime.run_folding) -----------------------
+
+from runtime.tokenization import MAX_CHARS_PER_TOKEN  # noqa: E402
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+CJK = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 3000))
+EMOJI = "".join(chr(c) for c in range(0x1F600, 0x1F650))
+WORDS = " then some ordinary words follow here." * 40
+
+
+def _random(alphabet: str, n: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    return "".join(np.array(list(alphabet))[rng.integers(0, len(alphabet), n)])
+
+
+def long_rows(n: int) -> dict[str, str]:
+    """Rows of n characters (and more) that no word-prefix rule bounds: one huge word, runs that give one token or
+    none, each alone and followed by ordinary words."""
+    return {
+        "no-space": _random(LETTERS, n),
+        "one-char": "7" * n,
+        "dots": "." * n + WORDS,
+        "cjk": _random(CJK, n),
+        "emoji": _random(EMOJI, n),
+        "mixed": _random(LETTERS + CJK[:40] + EMOJI + " .,\u200b\u0301\x01", n, seed=1),
+        "no-space+words": _random(LETTERS, n) + WORDS,
+        "cjk+words": _random(CJK, n) + WORDS,
+        "emoji+words": "😀" * n + WORDS,
+        "spaces": "start" + " " * n + WORDS,
+        "zero-width": "start" + "\u200b" * n + "end" + WORDS,
+        "control": "start" + "\x01" * n + "end" + WORDS,
+        "combining": "e" + "\u0301" * n + WORDS,
+        "emoji+selector": "\u2764\ufe0f" * (n // 2) + WORDS,
+        "jamo": "\u1100\u1161" * (n // 2) + WORDS,
+        "newlines": "x" + "\n" * n + "y z" * 100,
+    }
+
+
+@pytest.fixture(scope="module", params=["t5", "minilm"])
+def real_pair(request):
+    """(tokenizer with the rule, tokenizer that tokenizes everything) at the checkpoint's own max_seq_length."""
+    base = _tokenizers()[0 if request.param == "t5" else 1]
+    whole = InstructionTokenizer(base.path, base.max_seq_length, base.do_lower_case)
+    whole.bounded = lambda joined: joined
+    return InstructionTokenizer(base.path, base.max_seq_length, base.do_lower_case), whole
+
+
+@pytest.mark.parametrize("name", sorted(long_rows(10)))
+def test_any_long_row_gives_the_whole_texts_ids_short_window(short_window_pairs, name):
+    """With a 16-token window (folding from 8,192 characters on), every kind of long row: the same ids and
+    truncation flag as tokenizing the whole text, from at most 16 x 512 characters."""
+    text = long_rows(20_000)[name]
+    for bounded, whole in short_window_pairs:
+        for item in (text, ["Represent the text: ", text]):
+            a, b = bounded.encode([item]), whole.encode([item])
+            assert a.ids == b.ids and a.truncated.tolist() == b.truncated.tolist(), (name, bounded.path.parent.name)
+        assert len(bounded.bounded(bounded.joined_text(None, text))) <= 16 * MAX_CHARS_PER_TOKEN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["no-space", "cjk", "emoji", "emoji+words"])
+def test_long_rows_at_the_real_window(real_pair, name):
+    """The checkpoints' own windows (T5: 512 tokens, MiniLM: 256): rows just past the folding limit give the whole
+    text's ids and flag, from a string within the limit."""
+    bounded, whole = real_pair
+    limit = bounded.max_seq_length * MAX_CHARS_PER_TOKEN
+    text = long_rows(limit + 4096)[name]
+    a, b = bounded.encode([text]), whole.encode([text])
+    assert a.ids == b.ids and a.truncated.tolist() == b.truncated.tolist()
+    assert len(bounded.bounded(bounded.joined_text(None, text))) <= limit
+
+
+def test_a_50_mb_row_without_spaces_is_tokenized_from_a_bounded_string(real_pair):
+    """The issue's row: 50 MB with no space. Before, the whole row went to the tokenizer (12.5 GB and 4 min on T5);
+    the reference cannot be run on it here, so its ids are compared with those of the row's first 20,000 characters
+    (T5: already 512 tokens, which the rest of the word cannot change; MiniLM: one word over 100 characters, [UNK])."""
+    bounded, whole = real_pair
+    text = _random(LETTERS, 1_000_000) * 50
+    cut = bounded.bounded(bounded.joined_text("Represent the document: ", text))
+    assert len(cut) <= bounded.max_seq_length * MAX_CHARS_PER_TOKEN
+    enc = bounded.encode([["Represent the document: ", text]])
+    ref = whole.encode([["Represent the document: ", text[:20_000]]])
+    assert enc.ids == ref.ids
+
+
+PIECES_LONG = PIECES + ["😀" * 3000, "\x01" * 3000, " " * 3000, "." * 3000, "中" * 3000, "\u200b" * 3000,
+                        "e\u0301" * 1500, "x" * 3000, "7" * 3000]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(PIECES_LONG), min_size=3, max_size=40), st.sampled_from(["", "Represent the text: "]))
+def test_folding_rule_gives_the_whole_texts_ids(short_window_pairs, pieces, instruction):
+    """Generated rows mixing ordinary pieces with runs of thousands of characters of every foldable kind."""
+    text = "".join(pieces)
+    for bounded, whole in short_window_pairs:
+        item = [instruction, text] if instruction else text
+        a, b = bounded.encode([item]), whole.encode([item])
+        assert a.ids == b.ids and a.truncated.tolist() == b.truncated.tolist()
+
+
+def test_untruncated_rows_fold_only_what_keeps_every_token(short_window_pairs):
+    """Chunking needs every token: runs that give one token or none are folded, runs of one known character are not."""
+    for bounded, _ in short_window_pairs:
+        for text in ("😀" * 20_000 + WORDS, "start" + "\x01" * 20_000 + "end" + WORDS, "." * 20_000 + WORDS):
+            full = bounded.untruncated.encode(bounded.joined_text(None, text), add_special_tokens=True).ids
+            assert bounded.encode([text], truncate=False).ids[0] == full
+
+
+def test_a_huge_instruction_is_counted_from_a_bounded_string(short_window_pairs):
+    for bounded, whole in short_window_pairs:
+        instruction = "😀" * 30_000 + " Represent the text: "
+        a, b = bounded.encode([[instruction, "x"]]), whole.encode([[instruction, "x"]])
+        assert a.instruction_count.tolist() == b.instruction_count.tolist() and a.ids == b.ids
