@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from export import fx_precision
-from export.onnx_graph import example_features, ff_width
+from export.onnx_graph import ff_width
 from export.parity import ParityReport
 from runtime.backends.pt2 import Pt2Backend, build_target
 from runtime.bundle import INPUT_NAMES, Manifest
@@ -33,6 +33,7 @@ from runtime.deps import MissingDependency
 from trainer.model import InstructorModel
 
 MAX_BATCH = 1024  # rows per engine call; the runtime's batch planner stays under it (the manifest's pt2.max_batch)
+EXAMPLE_ROWS, EXAMPLE_TOKENS = 32, 128  # the compile's example batch: its sizes are the hints kernels are tuned for
 
 
 def resolve_device(device: str) -> str:
@@ -49,12 +50,29 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def compile_example(model: InstructorModel, rows: int = EXAMPLE_ROWS, tokens: int = EXAMPLE_TOKENS) -> tuple[torch.Tensor, ...]:
+    """``rows`` inputs padded to ``tokens`` (at most ``max_seq_length``): the sizes the engine serves, not a toy batch,
+    since AOTInductor tunes its kernels for the example's sizes. Every other row carries an instruction and the
+    lengths vary, so the tracer sees every branch; the longest row fills the padded width."""
+    width = min(tokens, model.max_seq_length)
+    instruction = "Represent the sentence for retrieval: "
+    overhead = int(model.tokenizer.encode([[instruction, "the"]]).lengths[0]) - 1
+    items: list[Any] = []
+    for i in range(rows):
+        room = width - 1 - (overhead if i % 2 else 0)  # words that fit with </s> (and the instruction)
+        words = max(1, room - (i * 7) % max(1, room // 2))
+        text = " ".join(["the"] * words)  # one T5 / BERT token a word
+        items.append([instruction, text] if i % 2 else text)
+    feats = model.tokenizer(items)
+    return tuple(torch.from_numpy(feats[name]) for name in INPUT_NAMES)
+
+
 def export_program(model: InstructorModel, device: str, precision: str) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
     """The model as a ``torch.export`` program on ``device`` with dynamic batch and sequence, in ``precision``."""
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     sequence = torch.export.Dim("sequence", min=1, max=model.max_seq_length)
     dims = ({0: batch, 1: sequence}, {0: batch, 1: sequence}, {0: batch})
-    example = tuple(t.to(device) for t in example_features(model))
+    example = tuple(t.to(device) for t in compile_example(model))
     with torch.no_grad():
         program = torch.export.export(model, example, dynamic_shapes=dims, strict=False)
         if precision == "fp32":

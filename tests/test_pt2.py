@@ -70,9 +70,13 @@ def copy_bundle(engine: Path, folder: Path, **pt2_fields: object) -> Path:
     return dst
 
 
+FOREIGN_TORCH = "1.13.1+cu117"  # no torch this project or the GPU image (2.11.0+cu130) runs
+
+
 def test_package_built_elsewhere_is_refused(tiny_pt2, tmp_path, capsys):
-    other_torch = copy_bundle(tiny_pt2, tmp_path / "torch", torch="2.11.0+cu130")
-    with pytest.raises(EngineError, match=r"built with torch 2\.11\.0\+cu130 on cpu, this is torch .* re-export it here"):
+    assert FOREIGN_TORCH != torch.__version__
+    other_torch = copy_bundle(tiny_pt2, tmp_path / "torch", torch=FOREIGN_TORCH)
+    with pytest.raises(EngineError, match=r"built with torch 1\.13\.1\+cu117 on cpu, this is torch .* re-export it here"):
         Encoder(other_torch)
     other_device = copy_bundle(tiny_pt2, tmp_path / "device", device="cuda", compute_capability="9.0")
     with pytest.raises(EngineError, match=r"on cuda \(compute capability 9\.0\), this is torch .* on cpu"):
@@ -106,6 +110,57 @@ def test_cli_resumes_after_sigkill_byte_identical(tiny_pt2, corpus, tmp_path):  
     assert out.read_bytes() == ref.read_bytes() and resumed_rows(out) > 0
     summary = json.loads(Path(f"{out}.summary.json").read_text())
     assert summary["backend"].startswith("torch-aoti:")
+
+
+# ---- compile example, CUDA-graph buckets -----------------------------------------------------------------------
+
+
+def test_compile_example_is_a_served_size_with_every_branch(tiny_model):
+    from export.pt2 import EXAMPLE_ROWS, EXAMPLE_TOKENS, compile_example
+
+    ids, mask, count = compile_example(tiny_model)
+    assert tuple(ids.shape) == (EXAMPLE_ROWS, EXAMPLE_TOKENS) == (32, 128)  # not a 2-row, 12-token toy batch
+    assert int(mask.sum(1).max()) == EXAMPLE_TOKENS  # the longest row fills the width
+    assert (count > 0).any() and (count == 0).any() and len(set(mask.sum(1).tolist())) > 4
+
+
+@pytest.mark.parametrize(("rows", "length", "bucket"), [(1, 1, (1, 16)), (1, 17, (1, 32)), (3, 32, (4, 32)), (8, 129, (8, 256)), (5, 500, (8, 512))])
+def test_graph_bucket(rows, length, bucket):
+    from runtime.backends.pt2 import graph_bucket
+
+    assert graph_bucket(rows, length, 512) == bucket
+
+
+def test_graph_bucket_caps_at_the_engine_window():
+    from runtime.backends.pt2 import graph_bucket
+
+    assert graph_bucket(2, 90, 100) == (2, 100)
+    with pytest.raises(ValueError, match="no graph bucket"):
+        graph_bucket(1, 101, 100)
+
+
+def test_padding_to_a_bucket_leaves_the_vectors_unchanged(tiny_pt2, golden_inputs):
+    """What a CUDA graph replays (the batch padded to its bucket) gives the real rows' vectors: checked on the CPU
+    package, which runs the same graph code."""
+    from runtime.backends.pt2 import graph_bucket, pad_to_bucket
+    from runtime.bundle import INPUT_NAMES
+
+    with Encoder(tiny_pt2, device="cpu") as enc:
+        feeds = enc.tokenizer(golden_inputs[:3])
+        arrays = [feeds[name] for name in INPUT_NAMES]
+        plain = enc.backend.run(feeds)
+        padded = pad_to_bucket(arrays, *graph_bucket(3, arrays[0].shape[1], enc.manifest.max_seq_length))
+        assert padded[0].shape[0] == 4 and padded[0].shape[1] >= arrays[0].shape[1]
+        out = enc.backend.run(dict(zip(INPUT_NAMES, padded)))
+    assert np.isfinite(out).all()  # the padding row too
+    assert np.abs(out[:3] - plain).max() <= 1e-5
+
+
+def test_cuda_graphs_need_cuda(tiny_pt2):
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        Encoder(tiny_pt2, device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match=r"\['intra_op_threads'\] apply to ONNX Runtime engines only"):
+        Encoder(tiny_pt2, device="cpu", intra_op_threads=1)
 
 
 # ---- fp16 / bf16: the exported program before compiling -------------------------------------------------------
@@ -189,3 +244,17 @@ def test_cuda_pt2_of_tiny_matches_golden(tmp_path, golden_inputs, golden_vectors
     parity = compare(golden_vectors, out)
     gate = {"max_abs": 1e-5} if precision == "fp32" else {"min_cos": 0.999}
     assert not check_gate(parity, gate), parity
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_graphs_replay_matches_the_plain_call(tmp_path, golden_inputs, golden_vectors):
+    export_bundle(TINY, tmp_path / "tiny-bf16.pt2", ExportOptions(precision="bf16", device="cuda"))
+    with Encoder(tmp_path / "tiny-bf16.pt2", device="cuda") as plain, Encoder(tmp_path / "tiny-bf16.pt2", device="cuda", cuda_graphs=True) as graphs:
+        a = plain.encode(golden_inputs[:16], batch_size=1)
+        b = graphs.encode(golden_inputs[:16], batch_size=1)
+        b3 = graphs.encode(golden_inputs[:16], batch_size=3)
+        stats = graphs.backend.graph_stats()
+    assert stats["error"] is None and stats["replays"] > 0 and stats["buckets"], stats
+    assert not check_gate(compare(a, b), {"min_cos": 0.9999}) and not check_gate(compare(a, b3), {"min_cos": 0.9999})
+    assert not check_gate(compare(golden_vectors[:16], b), {"min_cos": 0.999})

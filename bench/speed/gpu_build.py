@@ -10,6 +10,8 @@ and the build time and gate figures are written to ``--out``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import time
 import traceback
 from pathlib import Path
@@ -19,11 +21,11 @@ from bench.common import write_json
 
 
 def missing_prerequisite(engine: Path, device: str) -> str | None:
-    """Why ``engine`` cannot run on ``device`` here although it could be exported, or None.
-
-    (The exporter itself refuses, with ``MissingDependency``, a ``.plan`` without TensorRT or a ``.pt2`` for a GPU
-    torch cannot see; an fp16 ``.onnx`` it would build and verify on the CPU, which is not a GPU engine.)
-    """
+    """Why ``engine`` cannot be built or run on ``device`` here, or None; asked before the checkpoint is loaded, so
+    that a skip costs no time (the exporter would refuse a ``.plan`` without TensorRT only after loading it, and
+    would build and verify an fp16 ``.onnx`` on the CPU, which is not a GPU engine)."""
+    if engine.suffix == ".plan" and importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not installed (a .plan is built by TensorRT)"
     if engine.suffix == ".onnx" and device.startswith("cuda"):
         import onnxruntime as ort
 
@@ -52,8 +54,9 @@ def build(checkpoint: Path, engine: Path, precision: str, device: str) -> dict[s
     return {
         "status": "passed",
         "seconds": round(time.perf_counter() - start, 1),
+        "compile_threads": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"),
         "engine_mib": round(manifest["engine"]["bytes"] / 2**20, 1),
-        "export_gate": {k: parity[k] for k in ("rows", "min_cosine", "mean_cosine", "max_abs_diff", "nonfinite_rows", "gate", "passed", "runner", "reference")},
+        "export_gate": {k: parity.get(k) for k in ("rows", "min_cosine", "mean_cosine", "max_abs_diff", "nonfinite_rows", "gate", "passed", "runner", "reference")},
         "graph": {k: v for k, v in manifest.get("graph", {}).items() if k in ("applied", "low_precision", "fp32_matmuls", "casts")},
         **{k: manifest[k] for k in ("pt2", "tensorrt") if k in manifest},
     }

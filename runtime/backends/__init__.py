@@ -25,7 +25,8 @@ class Backend(Protocol):
 
 
 def open_backend(manifest: Manifest, device: str | None = None, **options: object) -> Backend:
-    """The backend for ``manifest``'s engine; ``options`` go to it (see ``OnnxOptions`` for ONNX Runtime)."""
+    """The backend for ``manifest``'s engine; ``options`` go to it (see ``OnnxOptions`` for ONNX Runtime; a
+    ``.pt2`` takes ``cuda_graphs``)."""
     if device not in (None, "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if manifest.kind == "onnx":
@@ -41,9 +42,9 @@ def open_backend(manifest: Manifest, device: str | None = None, **options: objec
 
         return TensorRTBackend(manifest, device)
     if manifest.kind == "pt2":
-        if options:
-            raise ValueError(f"options {sorted(options)} apply to ONNX Runtime engines only")
+        if set(options) - {"cuda_graphs"}:
+            raise ValueError(f"options {sorted(set(options) - {'cuda_graphs'})} apply to ONNX Runtime engines only")
         from runtime.backends.pt2 import Pt2Backend
 
-        return Pt2Backend(manifest, device)
+        return Pt2Backend(manifest, device, cuda_graphs=bool(options.get("cuda_graphs", False)))
     raise EngineError(f"{manifest.engine}: no backend for engine kind {manifest.kind!r}")
