@@ -108,3 +108,29 @@ def test_bad_rows_are_named(tmp_path):
     thumb.write_text("\n".join([*lines[:1], json.dumps({"seg_id": "s1", "hyp": "x"})]) + "\n")
     with pytest.raises(DataError, match=r"mscoco_THumB-1\.0\.jsonl:2: missing field\(s\) \['human_score'\]"):
         read_task(data, "mscoco")
+
+
+def test_a_malformed_task_is_named_the_others_run_and_the_exit_is_1(tmp_path, tiny_engine, capsys):
+    write_slice(tmp_path / "data")
+    write_slice(tmp_path / "data", "cnndm")
+    thumb = tmp_path / "data" / "cnndm" / "cnndm_THumB-1.0.jsonl"
+    thumb.write_text(thumb.read_text().replace('"human_score": 4.5', '"human_score": "high"', 1))
+    out = tmp_path / "out"
+    args = ["--engine", str(tiny_engine), "--data-dir", str(tmp_path / "data"), "--instructions-for", "none",
+            "--output-dir", str(out)]
+    assert main([*args, "--tasks", "mscoco", "cnndm"]) == 1  # bad input data, named; mscoco still scored
+    err = capsys.readouterr().err
+    assert f"error: cnndm not run: {thumb}: row 1: human_score must be a number" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert "pearson" in summary["mscoco"] and summary["cnndm"]["status"] == "not run"
+    assert main([*args, "--tasks", "cnndm"]) == 1
+    assert "no Billboard task has readable files" in capsys.readouterr().err
+
+
+def test_billboard_help_states_the_exit_codes_and_refuses_abbreviations(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "exit codes: 0 done; 1 bad input data" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as exc:
+        main(["--engine", "e.onnx", "--data-dir", "d", "--task", "mscoco"])  # --task is not --tasks
+    assert exc.value.code == 2 and "unrecognized arguments: --task" in capsys.readouterr().err

@@ -300,3 +300,211 @@ def test_upstream_evaluate_model_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--engine", str(TINY), "--category", "sts"])
     assert "--category needs --data-dir DATA_DIR" in capsys.readouterr().err
+
+
+# -- where the data comes from: the hub, checked first, or DATA_DIR written by bench.quality.fetch_data ---------------
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a port just released: nothing listens there, a connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_hub(monkeypatch) -> str:
+    """The hub's address pointed at a closed local port: unreachable without any network."""
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    return endpoint
+
+
+def test_without_data_dir_and_no_hub_it_stops_at_once_saying_what_to_pass(no_hub):
+    """Was a ConnectionError traceback after 54 s (issue 32): now exit 3 before mteb or any model is loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom bench.quality.mteb.__main__ import main\n"
+            f"rc = main(['--engine', {str(TINY)!r}, '--tasks', 'STSBenchmark'])\n"
+            "assert 'mteb' not in sys.modules and 'torch' not in sys.modules, 'loaded before the check'\n"
+            "sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"error: --tasks without --data-dir needs the Hugging Face hub, and {no_hub} cannot be reached")
+    assert "pass --data-dir DATA_DIR" in line and "docs/evaluation.md" in line and "python -m bench.quality.fetch_data" in line
+
+
+def test_the_hub_probe_asks_once_and_takes_any_answer(no_hub, monkeypatch):
+    import http.server
+    import threading
+
+    from bench.quality.hub import unreachable_reason
+
+    assert "refused" in unreachable_reason().lower()
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802 - http.server's name
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        assert unreachable_reason() is None  # an HTTP error is an answer: the hub is there
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_dataset_that_cannot_be_loaded_is_3_before_the_model(monkeypatch, capsys):
+    """Offline mode (HF_HUB_OFFLINE) skips the probe; a dataset missing from the cache is one line, exit 3."""
+    from bench.quality.mteb import __main__ as cli_main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def not_cached(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'mteb/stsbenchmark-sts' on the Hub (LocalEntryNotFoundError)")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data")
+
+    monkeypatch.setattr("mteb.abstasks.abstask.load_dataset", not_cached)
+    monkeypatch.setattr(cli_main, "load_encoder", no_model)
+    assert main(["--engine", str(TINY), "--tasks", "STSBenchmark"]) == 3
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: STSBenchmark: mteb/stsbenchmark-sts could not be loaded from the hub (Couldn't reach")
+    assert "pass --data-dir DATA_DIR" in line
+
+
+class FakeHub:
+    """Hub datasets held in memory, served through the functions mteb loads with (no network)."""
+
+    def __init__(self, repos: dict[str, dict[str, dict[str, list[dict]]]]) -> None:
+        from datasets import Dataset, DatasetDict
+
+        self.repos = {path: {config: DatasetDict({split: Dataset.from_list(rows) for split, rows in splits.items()})
+                             for config, splits in configs.items()} for path, configs in repos.items()}
+        self.calls: list[tuple[str, str | None]] = []
+
+    def load_dataset(self, path, name=None, split=None, revision=None, **kwargs):
+        self.calls.append((path, name))
+        data = self.repos[path][name or "default"]
+        return data[split] if split else data
+
+    def config_names(self, path, revision=None, **kwargs):
+        return list(self.repos[path])
+
+    def split_names(self, path, revision=None, config_name=None, **kwargs):
+        return list(self.repos[path][config_name or "default"])
+
+    def install(self, monkeypatch) -> None:
+        loaders = "mteb.abstasks.retrieval_dataset_loaders"
+        monkeypatch.setattr("mteb.abstasks.abstask.load_dataset", self.load_dataset)
+        monkeypatch.setattr(f"{loaders}.load_dataset", self.load_dataset)
+        monkeypatch.setattr(f"{loaders}.get_dataset_config_names", self.config_names)
+        monkeypatch.setattr(f"{loaders}.get_dataset_split_names", self.split_names)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the probe is skipped, and a real download would fail
+
+
+def _fake_hub() -> FakeHub:
+    sts = [{"sentence1": a, "sentence2": b, "score": s} for a, b, s in STS_PAIRS]
+    intents = [{"text": f"{word} question {i}", "label": k, "label_text": word}
+               for k, word in enumerate(["card", "transfer", "refund"]) for i in range(4)]
+    corpus = [{"_id": f"d{i}", "title": ["", "Yams"][i % 2], "text": f"document {i} about topic {i % 3}"} for i in range(6)]
+    queries = [{"_id": f"q{i}", "text": f"question on topic {i}"} for i in range(4)]
+    qrels = [{"query-id": f"q{i}", "corpus-id": f"d{i + 1}", "score": 1} for i in range(3)]  # q3 unjudged: dropped
+    pairs = [{"sent1": [a for a, _, _ in STS_PAIRS], "sent2": [b for _, b, _ in STS_PAIRS],
+              "labels": [int(s > 2.5) for _, _, s in STS_PAIRS]}]
+    multi = [{**row, "lang": lang} for lang in ("en-en", "ko-ko") for row in sts]
+    return FakeHub({
+        "mteb/stsbenchmark-sts": {"default": {"train": sts[:2], "validation": sts[2:4], "test": sts}},
+        "mteb/banking77": {"default": {"train": intents, "test": intents[::2]}},
+        "mteb/scifact": {"corpus": {"corpus": corpus}, "queries": {"queries": queries}, "default": {"test": qrels}},
+        "mteb/sprintduplicatequestions-pairclassification": {"default": {"test": pairs}},
+        "mteb/sts17-crosslingual-sts": {"default": {"test": multi}},
+    })
+
+
+def _comparable(task) -> dict:
+    """A loaded task's data as plain values, the splits its evaluation reads (retrieval: ids, titles and texts;
+    judgements; top-ranked lists)."""
+    from bench.quality.mteb.offline import task_splits
+
+    def search(split):
+        return {"corpus": sorted((d["id"], d.get("title") or "", d["text"]) for d in split["corpus"]),
+                "queries": sorted((q["id"], q["text"]) for q in split["queries"]),
+                "qrels": split["relevant_docs"], "top_ranked": split["top_ranked"] or None}
+
+    data = task.dataset if task.metadata.is_multilingual or task.metadata.type == "Retrieval" else {"default": task.dataset}
+    return {subset: {split: search(d) if task.metadata.type == "Retrieval" else d.to_list()
+                     for split, d in splits.items() if split in task_splits(task)}
+            for subset, splits in data.items()}
+
+
+def test_fetch_data_writes_what_the_evaluation_reads_as_if_from_the_hub(tmp_path, monkeypatch, capsys):
+    from bench.quality import fetch_data
+    from bench.quality.mteb.offline import restrict_to_upstream
+
+    hub = _fake_hub()
+    hub.install(monkeypatch)
+    names = ["STSBenchmark", "Banking77Classification", "SciFact", "SprintDuplicateQuestions"]
+    assert fetch_data.main([str(tmp_path), "--tasks", *names]) == 0
+    assert fetch_data.main([str(tmp_path), "--tasks", "STS17", "--upstream"]) == 0
+    out = capsys.readouterr()
+    assert f"--data-dir {tmp_path} --tasks STS17" in out.out and f"sts/STS17/en-en/test.jsonl: {len(STS_PAIRS)} rows" in out.err
+    assert (tmp_path / "sts" / "STSBenchmark" / "test.jsonl").is_file()
+    assert not (tmp_path / "sts" / "STSBenchmark" / "train.jsonl").exists()  # only the splits the evaluation reads
+    assert sorted(p.name for p in (tmp_path / "retrieval" / "SciFact").iterdir()) == ["SOURCE.txt", "corpus.jsonl", "qrels", "queries.jsonl"]
+    assert "revision: d56462d0e63a25450459c4f213e49ffdb866f7f9" in (tmp_path / "retrieval" / "SciFact" / "SOURCE.txt").read_text()
+    assert not (tmp_path / "sts" / "STS17" / "ko-ko").exists()  # --upstream: the English subset only
+    for name, upstream in [(n, False) for n in names] + [("STS17", True)]:
+        local = offline_task(name, tmp_path, upstream_setup=upstream)
+        local.load_data()
+        from_hub = restrict_to_upstream(mteb.get_task(name)) if upstream else mteb.get_task(name)
+        from_hub.load_data()  # mteb's own loading and transform, on the same fake hub
+        assert _comparable(local) == _comparable(from_hub), name
+    assert fetch_data.main([str(tmp_path), "--tasks", "STSBenchmark"]) == 2  # a folder in the way
+    assert "STSBenchmark exists; pass --overwrite" in capsys.readouterr().err
+    assert fetch_data.main([str(tmp_path), "--tasks", "STSBenchmark", "--overwrite"]) == 0
+
+
+def test_fetch_data_checks_every_name_before_downloading(tmp_path, monkeypatch, capsys):
+    from bench.quality import fetch_data
+
+    hub = _fake_hub()
+    hub.install(monkeypatch)
+    assert fetch_data.main([str(tmp_path), "--tasks", "STSBenchmark", "NoSuchTask"]) == 2
+    assert "task 'NoSuchTask' is not registered in mteb" in capsys.readouterr().err
+    assert fetch_data.main([str(tmp_path), "--tasks", "STSBenchmark", "BUCC"]) == 2
+    assert "task BUCC: type BitextMining has no local layout" in capsys.readouterr().err
+    assert hub.calls == [] and not (tmp_path / "sts").exists()  # nothing downloaded, nothing written
+
+
+def test_fetch_data_without_the_hub_is_3(tmp_path, no_hub, capsys):
+    from bench.quality import fetch_data
+
+    assert fetch_data.main([str(tmp_path / "data"), "--tasks", "STSBenchmark"]) == 3
+    [line] = capsys.readouterr().err.splitlines()
+    assert f"{no_hub} cannot be reached" in line and "run this where the hub is reachable" in line
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_malformed_local_file_is_1_and_a_missing_one_2(tmp_path, capsys):
+    folder = tmp_path / "sts" / "STSBenchmark"
+    folder.mkdir(parents=True)
+    (folder / "test.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "score": 1.0}\n{"sentence1": \n')
+    assert main(["--engine", str(TINY), "--tasks", "STSBenchmark", "--data-dir", str(tmp_path)]) == 1
+    assert f"error: {folder / 'test.jsonl'}:2: not JSON" in capsys.readouterr().err
+    assert main(["--engine", str(TINY), "--tasks", "STS12", "--data-dir", str(tmp_path)]) == 2
+    assert "task STS12 (STS): no local files" in capsys.readouterr().err

@@ -11,13 +11,17 @@ from typing import Any
 
 
 class DataError(ValueError):
-    """A local data file that is missing or malformed; the message names the file and line."""
+    """A local data file that is malformed (bad input data, exit 1); the message names the file and line."""
+
+
+class MissingData(DataError):
+    """A file, folder or task that the data folder lacks, or a name nothing has (bad usage, exit 2)."""
 
 
 def need_file(path: Path) -> Path:
-    """``path`` if it is a file, else a ``DataError`` naming it."""
+    """``path`` if it is a file, else a ``MissingData`` naming it."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise MissingData(f"{path}: file not found")
     return path
 
 

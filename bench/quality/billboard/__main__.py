@@ -10,7 +10,8 @@ from typing import Any
 from bench.quality.billboard.data import FOLDERS, read_task
 from bench.quality.billboard.score import TABLES, evaluate_task, instruction_for
 from bench.common import write_json
-from bench.quality.datafiles import DataError
+from bench.quality import cli
+from bench.quality.datafiles import DataError, MissingData
 from bench.quality.encoders import default_table, load_encoder
 
 DESCRIPTION = f"""\
@@ -34,7 +35,7 @@ not run: {{status: "not run", reason}}), summary.md, and run.json (engine, table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.quality.billboard", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m bench.quality.billboard", DESCRIPTION)
     p.add_argument("--engine", required=True, help="engine file (NAME.onnx / NAME.plan with its sidecars) or a checkpoint folder")
     p.add_argument("--data-dir", type=Path, required=True, help="DATA_DIR holding the task folders (or DATA_DIR/billboard/...)")
     p.add_argument("--tasks", nargs="+", default=["mscoco", "cnndm"], choices=list(FOLDERS), help="Billboard tasks. Default: mscoco cnndm")
@@ -61,22 +62,26 @@ def markdown(summary: dict[str, Any], run: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when every task ran or lacks files; 1 when a task's files are malformed (the others still run); 2 no
+    task's files at all, or a bad engine; 3 the environment."""
     args = parse_args(argv)
-    tasks, summary = {}, {}
+    return cli.run(lambda: evaluate(args), "bench.quality.billboard", args.debug)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """The run of ``main``: every task's files read first, then the model, then each task scored."""
+    tasks, summary, malformed = {}, {}, []
     for name in args.tasks:
         try:
             tasks[name] = read_task(args.data_dir, name)
-        except DataError as exc:
-            print(f"note: {name} not run: {exc}", file=sys.stderr)
+        except DataError as exc:  # a task without files, or with a malformed one, is not run; the others are
+            print(f"{'note' if isinstance(exc, MissingData) else 'error'}: {name} not run: {exc}", file=sys.stderr)
             summary[name] = {"status": "not run", "reason": str(exc)}
+            malformed += [] if isinstance(exc, MissingData) else [name]
     if not tasks:
-        print("error: no Billboard task has its files (see the notes above)", file=sys.stderr)
-        return 2
-    try:
-        encoder, info = load_encoder(args.engine)
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        error = DataError if malformed else MissingData
+        raise error(f"no Billboard task has readable files under {args.data_dir} (see the lines above)")
+    encoder, info = load_encoder(args.engine)
     table = args.instructions_for or default_table(info.get("architecture"))
     for name, task in tasks.items():
         print(f"{name}: {len(task.references)} segments, {len(task.hyps)} hypotheses", file=sys.stderr)
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "run.json", run)
     (out / "summary.md").write_text(markdown(summary, run), encoding="utf-8")
     print(markdown(summary, run))
-    return 0
+    return 1 if malformed else 0
 
 
 if __name__ == "__main__":

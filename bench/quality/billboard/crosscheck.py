@@ -23,6 +23,7 @@ from scipy.stats import pearsonr
 from bench.quality.billboard.data import FOLDERS, read_task, task_files
 from bench.quality.billboard.score import TABLES, evaluate_task, instruction_for
 from bench.common import write_json
+from bench.quality import cli
 from bench.quality.datafiles import read_jsonl
 
 
@@ -57,7 +58,7 @@ def upstream_pearson(model: Any, ref_path: Path, thumb_path: Path, instruction: 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.quality.billboard.crosscheck", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m bench.quality.billboard.crosscheck", __doc__)
     p.add_argument("--model", type=Path, required=True, help="sentence-transformers checkpoint folder (the engine's source weights)")
     p.add_argument("--engine", help="the project's engine file or checkpoint to score in the same run (optional)")
     p.add_argument("--data-dir", type=Path, required=True, help="DATA_DIR, as for python -m bench.quality.billboard")
@@ -69,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return cli.run(lambda: crosscheck(args), "bench.quality.billboard.crosscheck", args.debug)
+
+
+def crosscheck(args: argparse.Namespace) -> int:
+    """The run of ``main``: both scorings of each task, side by side."""
     model = sentence_transformer(args.model, args.instructions_for != "none")
     encoder = None
     if args.engine:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.quality.datafiles import DataError, read_jsonl
+from bench.quality.datafiles import DataError, MissingData, read_jsonl
 
 # task -> folder and file prefix (upstream evaluation/text_evaluation/data/<folder>/<folder>_*.jsonl)
 FOLDERS = {"mscoco": "mscoco", "cnndm": "cnndm", "mt": "wmt20-zh-en"}
@@ -29,7 +29,7 @@ class BillboardTask:
 def task_files(data_dir: Path, task: str) -> tuple[Path, Path]:
     """The references and THumB files of ``task`` in ``data_dir/<folder>`` or ``data_dir/billboard/<folder>``."""
     if task not in FOLDERS:
-        raise DataError(f"unknown Billboard task {task!r} (have: {', '.join(FOLDERS)})")
+        raise MissingData(f"unknown Billboard task {task!r} (have: {', '.join(FOLDERS)})")
     folder = FOLDERS[task]
     names = (f"{folder}_references.jsonl", f"{folder}_THumB-1.0.jsonl")
     places = [data_dir / folder, data_dir / "billboard" / folder]
@@ -37,7 +37,7 @@ def task_files(data_dir: Path, task: str) -> tuple[Path, Path]:
         if all((place / n).is_file() for n in names):
             return place / names[0], place / names[1]
     looked = "; ".join(f"{p} (missing {', '.join(n for n in names if not (p / n).is_file())})" for p in places)
-    raise DataError(f"Billboard task {task}: files not found. Looked in: {looked}. Expected: {names[0]} and {names[1]}")
+    raise MissingData(f"Billboard task {task}: files not found. Looked in: {looked}. Expected: {names[0]} and {names[1]}")
 
 
 def read_task(data_dir: Path, task: str) -> BillboardTask:

@@ -9,12 +9,18 @@ import json
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from bench.common import write_json
-from bench.quality.datafiles import DataError
+from bench.quality import cli
+from bench.quality.datafiles import DataError, MissingData
 from bench.quality.encoders import default_table, load_encoder
-from bench.quality.mteb.categories import ALL, Missing, averages, categories, category_of, dataset_of, find_category
-from bench.quality.mteb.model import Instructions, InstructorMTEBModel, instruction_tables
-from bench.quality.mteb.offline import DERIVED, LAYOUTS, offline_task
+from bench.quality.hub import NO_HUB_HINT, HubUnreachable, require_hub
+from bench.quality.mteb.tables import ALL, DERIVED_NAMES, LAYOUTS, categories, category_of, dataset_of, instruction_tables
+
+if TYPE_CHECKING:  # mteb and what needs it load only when a run starts: the checks before it answer at once
+    from bench.quality.mteb.categories import Missing
+    from bench.quality.mteb.model import InstructorMTEBModel
 
 DESCRIPTION = """\
 Evaluate an engine bundle (.onnx / .plan, run by runtime.Encoder) or a checkpoint folder (run by the PyTorch
@@ -31,13 +37,15 @@ summarization|all runs every task of the INSTRUCTOR paper's English MTEB in that
 that DATA_DIR holds, as upstream's evaluate_model.py ran them (the English subset of a multilingual task, the
 test split where there is one), and names the tasks it does not find.
 
-Data: without --data-dir, tasks load by name from the Hugging Face hub. With --data-dir, any task that mteb
+Data: without --data-dir, tasks load by name from the Hugging Face hub (checked first: with no hub in reach the run
+stops at once, exit 3, saying what to pass). With --data-dir, any task that mteb
 registers loads from local files (the hub is never contacted), found by the task's type in the first existing
 folder of DATA_DIR/<type>/<TASK>, DATA_DIR/<TASK>, DATA_DIR/<task>, DATA_DIR/<task without type suffix>
 (e.g. sts/STS14, scifact, banking77 for Banking77Classification). Files per type:
 {layouts}
 Multilingual tasks: one folder per hub subset inside (e.g. sts/STS17/en-en/test.jsonl). Also offline: the derived
-clustering sets {derived} (clustering/*.jsonl).
+clustering sets {derived} (clustering/*.jsonl). python -m bench.quality.fetch_data DATA_DIR --tasks ... writes this
+layout from the hub's datasets, where the hub is reachable.
 A task whose files are missing is reported with the folders looked in and the files expected, before any
 model runs.
 
@@ -49,7 +57,7 @@ are accepted as --engine, --tasks, --output-dir, --cache-dir, --batch-size and -
 """.format(
     ncat=len({dataset_of(n) for names in categories().values() for n in names}),
     tables=", ".join(instruction_tables()),
-    layouts="\n".join(f"  {kind}: {layout}" for kind, layout in LAYOUTS.items()), derived=", ".join(DERIVED)
+    layouts="\n".join(f"  {kind}: {layout}" for kind, layout in LAYOUTS.items()), derived=", ".join(DERIVED_NAMES)
 )
 
 
@@ -62,7 +70,7 @@ UNKNOWN_HINT = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; upstream evaluate_model.py's spellings of the same options are accepted too."""
-    p = argparse.ArgumentParser(prog="python -m bench.quality.mteb", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m bench.quality.mteb", DESCRIPTION)
     p.add_argument("--engine", "--model_name", required=True,
                    help="engine file (NAME.onnx / NAME.plan with its sidecars), a checkpoint folder, or a hub name already "
                    "downloaded (into --cache-dir or the default caches; nothing is downloaded)")
@@ -85,11 +93,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_tasks(names: list[str], data_dir: Path | None) -> list:
-    """Tasks from the hub by name, or from local files, read now so that a bad file stops the run before any model does."""
+    """Tasks from the hub by name, or from local files, read now so that a bad file or an unreachable hub stops the
+    run before any model loads."""
     import mteb
 
+    from bench.quality.mteb.offline import offline_task
+
     if data_dir is None:
-        return list(mteb.get_tasks(tasks=names))
+        try:
+            tasks = list(mteb.get_tasks(tasks=names))
+        except KeyError as exc:
+            raise MissingData(f"{exc.args[0] if exc.args else exc}") from exc
+        for task in tasks:
+            try:
+                task.load_data()
+            except OSError as exc:  # ConnectionError, the hub's HTTP errors, a dataset missing from the offline cache
+                dataset = task.metadata.dataset.get("path")
+                why = " ".join(str(exc).split())[:300]
+                raise HubUnreachable(f"{task.metadata.name}: {dataset} could not be loaded from the hub ({why}): {NO_HUB_HINT}") from exc
+        return tasks
     tasks = [offline_task(name, data_dir) for name in names]
     for task in tasks:
         task.load_data()
@@ -143,23 +165,30 @@ def markdown(rows: list[dict], header: dict, not_run: list[Missing] = (), means:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the evaluation; 0 when every task ran, 1 when a task's files failed to read, 2 when nothing could start."""
+    """Run the evaluation; 0 when every task ran, 1 when a task's files failed to read (or a file is malformed), 2 bad
+    usage (a task or file not found), 3 the environment (the hub out of reach, a missing package), 4 internal."""
     args = parse_args(argv)
+    return cli.run(lambda: evaluate(args), "bench.quality.mteb", args.debug)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """The run of ``main``: tasks first (local files, or the hub if it answers), then the model, then each task."""
+    if args.data_dir is None:
+        require_hub("--tasks without --data-dir")
     import mteb
 
-    try:
-        if args.category:
-            tasks, not_run = find_category(args.category, args.data_dir)
-            if not tasks:
-                raise DataError(f"no task of --category {args.category} has files under {args.data_dir}; e.g. {not_run[0].reason}")
-        else:
-            tasks, not_run = load_tasks(args.tasks, args.data_dir), []
-        encoder, info = load_encoder(args.engine, args.cache_dir)
-        table = args.instructions_for or default_table(info.get("architecture"))
-        instructions = Instructions(table)
-    except (DataError, ValueError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from bench.quality.mteb.categories import Missing, averages, find_category
+    from bench.quality.mteb.model import Instructions, InstructorMTEBModel
+
+    if args.category:
+        tasks, not_run = find_category(args.category, args.data_dir)
+        if not tasks:
+            raise MissingData(f"no task of --category {args.category} has files under {args.data_dir}; e.g. {not_run[0].reason}")
+    else:
+        tasks, not_run = load_tasks(args.tasks, args.data_dir), []
+    encoder, info = load_encoder(args.engine, args.cache_dir)
+    table = args.instructions_for or default_table(info.get("architecture"))
+    instructions = Instructions(table)
     if not_run:
         print(
             f"note: --category {args.category}: {len(tasks)} of {len(tasks) + len(not_run)} tasks have files under "

@@ -7,7 +7,6 @@ counts CQADupstack once, as the mean of the subforums run, as MTEB's leaderboard
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,26 +14,8 @@ from typing import Any
 from mteb.abstasks import AbsTask
 
 from bench.quality.datafiles import DataError
-from bench.quality.mteb.model import INSTRUCTIONS_FILE
 from bench.quality.mteb.offline import offline_task
-
-ALL = "all"
-CQADUPSTACK = "CQADupstackRetrieval"
-
-
-def categories(path: Path = INSTRUCTIONS_FILE) -> dict[str, list[str]]:
-    """Category name (``retrieval``, ``pair_classification`` ...) -> its task names, in the paper's order."""
-    return json.loads(path.read_text(encoding="utf-8"))["_categories"]
-
-
-def category_of(task_name: str) -> str | None:
-    """The category a task belongs to, or None for a task outside the paper's set."""
-    return next((cat for cat, names in categories().items() if task_name in names), None)
-
-
-def dataset_of(task_name: str) -> str:
-    """The dataset a task counts as in an average: CQADupstack's subforums are one dataset."""
-    return CQADUPSTACK if task_name.startswith("CQADupstack") else task_name
+from bench.quality.mteb.tables import ALL, CQADUPSTACK, categories, category_of, dataset_of  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ pairs exactly as ``INSTRUCTOR.encode`` would; with no table (``none``) it encode
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 
 from bench.quality.encoders import NO_INSTRUCTIONS, SentenceEncoder
-
-INSTRUCTIONS_FILE = Path(__file__).resolve().parent.parent / "mteb_instructions.json"
-
-
-def instruction_tables(path: Path = INSTRUCTIONS_FILE) -> dict[str, dict[str, dict[str, Any]]]:
-    """The tables of ``mteb_instructions.json``, keyed by model name (``hkunlp/instructor-large`` ...)."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return {k: v for k, v in data.items() if not k.startswith("_")}
+from bench.quality.mteb.tables import INSTRUCTIONS_FILE, instruction_tables  # noqa: F401 (re-exported)
 
 
 class Instructions:

@@ -38,22 +38,11 @@ from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.task_metadata import TaskMetadata
 
-from bench.quality.datafiles import DataError, need_file, read_json, read_jsonl
+from bench.quality.datafiles import DataError, MissingData, need_file, read_json, read_jsonl
+from bench.quality.mteb.tables import LAYOUTS, TYPE_FOLDERS
 
 TABLE_TYPES = ("STS", "Classification", "Clustering", "PairClassification", "Summarization")
 SEARCH_TYPES = ("Retrieval", "Reranking")
-TYPE_FOLDERS = {t: t.lower() for t in (*TABLE_TYPES, *SEARCH_TYPES)}
-LAYOUTS = {
-    "STS": "<split>.jsonl: sentence1, sentence2, score",
-    "Classification": "<split>.jsonl (text, label), <split>.csv (text, label or category) or <split>.txt ('text;label' "
-    "lines), for the train split and each eval split; optional categories.json / labels.json: the label order",
-    "Clustering": "<split>.jsonl: sentences, labels (a line per set of lists, or a line per text)",
-    "PairClassification": "<split>.jsonl: the hub dataset's columns (e.g. sentence1 or sent1, sentence2 or sent2, labels)",
-    "Summarization": "<split>.jsonl: text, human_summaries, machine_summaries, relevance",
-    "Retrieval": "corpus.jsonl (_id, title, text), queries.jsonl (_id, text), qrels/<split>.tsv (query-id, corpus-id, score)",
-    "Reranking": "the retrieval files plus top_ranked/<split>.jsonl (query-id, corpus-ids), or <split>.jsonl: query, "
-    "positive, negative",
-}
 SPLIT_NAMES = {"validation": ("validation", "val", "dev")}
 TABLE_SUFFIXES = {"Classification": (".jsonl", ".csv", ".txt")}
 TYPE_SUFFIXES = ("PairClassification", "Classification", "Clustering", "Retrieval", "Reranking", "Summarization", "STS")
@@ -269,18 +258,18 @@ def candidate_folders(task: AbsTask, data_dir: Path) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def _missing_error(task: AbsTask, looked: list[tuple[Path, list[str]]]) -> DataError:
+def _missing_error(task: AbsTask, looked: list[tuple[Path, list[str]]]) -> MissingData:
     meta = task.metadata
     where = "; ".join(f"{p} ({'missing ' + ', '.join(m) if p.is_dir() else 'no such folder'})" for p, m in looked)
     subsets = f" One folder per subset ({', '.join(task.hf_subsets)}) inside it." if meta.is_multilingual else ""
-    return DataError(f"task {meta.name} ({meta.type}): no local files. Looked in: {where}. Expected: {LAYOUTS[meta.type]}.{subsets}")
+    return MissingData(f"task {meta.name} ({meta.type}): no local files. Looked in: {where}. Expected: {LAYOUTS[meta.type]}.{subsets}")
 
 
 def find_data(task: AbsTask, data_dir: Path) -> tuple[Path, dict[str, Any]]:
     """The folder holding the task's files and, per subset, what to read; else a ``DataError`` naming what is missing."""
     kind = task.metadata.type
     if kind not in LAYOUTS:
-        raise DataError(f"task {task.metadata.name}: type {kind} has no offline reader (supported: {', '.join(LAYOUTS)})")
+        raise MissingData(f"task {task.metadata.name}: type {kind} has no offline reader (supported: {', '.join(LAYOUTS)})")
     looked = []
     for folder in candidate_folders(task, data_dir):
         subsets = _subset_folders(task, folder)
@@ -382,7 +371,7 @@ def _registered(name: str) -> type[AbsTask]:
     try:
         return type(mteb.get_task(name))
     except KeyError as exc:
-        raise DataError(f"task {name!r} is not registered in mteb {mteb.__version__} (nor one of {', '.join(DERIVED)})") from exc
+        raise MissingData(f"task {name!r} is not registered in mteb {mteb.__version__} (nor one of {', '.join(DERIVED)})") from exc
 
 
 def restrict_to_upstream(task: AbsTask) -> AbsTask:

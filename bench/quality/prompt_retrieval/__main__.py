@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bench.common import write_json
-from bench.quality.datafiles import DataError
+from bench.quality import cli
 from bench.quality.encoders import SentenceEncoder, load_encoder
 from bench.quality.prompt_retrieval import tasks as task_defs
 from bench.quality.prompt_retrieval.select import cosine_scores, select
@@ -48,7 +48,7 @@ the most similar demonstration), averaged over the tests.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.quality.prompt_retrieval", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m bench.quality.prompt_retrieval", DESCRIPTION)
     p.add_argument("--task", required=True, choices=["answerability", "geoquery", "jsonl"], help="which task (see above)")
     p.add_argument("--data-dir", type=Path, required=True, help="DATA_DIR (upstream tasks) or the jsonl task's folder")
     p.add_argument("--engine", required=True, help="embedder: engine file (.onnx / .plan) or checkpoint folder")
@@ -140,21 +140,21 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return cli.run(lambda: evaluate(args), "bench.quality.prompt_retrieval", args.debug)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """The run of ``main``: the task's files, the tokenizer and the embedder first, then each mode."""
     tokenizer_path = args.tokenizer or args.lm
     if tokenizer_path is None:
-        print("error: the token budget needs a tokenizer: give --lm PATH or --tokenizer PATH (upstream counted with GPT-2's)", file=sys.stderr)
-        return 2
-    try:
-        task = load_task(args)
-        if "task" in args.instructions and task.instruction is None:
-            raise DataError("--instructions task needs --instruction STR for a jsonl task")
-        from transformers import AutoTokenizer
+        raise ValueError("the token budget needs a tokenizer: give --lm PATH or --tokenizer PATH (upstream counted with GPT-2's)")
+    task = load_task(args)
+    if "task" in args.instructions and task.instruction is None:
+        raise ValueError("--instructions task needs --instruction STR for a jsonl task")
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
-        encoder, info = load_encoder(args.engine)
-    except (DataError, ValueError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    encoder, info = load_encoder(args.engine)
     lm = None
     if args.lm:
         from bench.quality.prompt_retrieval.lm import CausalLMScorer

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.quality.datafiles import DataError, read_json, read_jsonl
+from bench.quality.datafiles import DataError, MissingData, read_json, read_jsonl
 from bench.quality.prompt_retrieval.select import Budget
 
 
@@ -48,7 +48,7 @@ def find_file(data_dir: Path, name: str) -> Path:
     for path in places:
         if path.is_file():
             return path
-    raise DataError(f"{name}: not found in {' or '.join(str(p.parent) for p in places)}")
+    raise MissingData(f"{name}: not found in {' or '.join(str(p.parent) for p in places)}")
 
 
 ANSWERABILITY_LABELS = {"Yes.": "True", "No.": "False"}
