@@ -82,7 +82,7 @@ def split(full: Encoded, max_len: int, overlap: int, head: int, tail: int) -> Ch
             if overlap > max_overlap(max_len, prefix, tail):
                 raise WindowTooSmall(r, (
                     f"the instruction takes {prefix} of the {max_len} tokens, which leaves windows of "
-                    f"{max(width, 0)} tokens: not more than the {overlap}-token overlap (shorten it or the instruction)"
+                    f"{max(width, 0)} tokens: not more than the {overlap}-token overlap (lower the overlap or shorten the instruction)"
                 ))
             content_end = len(row_ids) - tail
             stride = width - overlap

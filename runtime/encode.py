@@ -365,7 +365,7 @@ def _after_done_windows(records: Iterable[Record], store: ShardStore) -> Iterato
 def too_long_instruction(job: EncodeJob, exc: WindowTooSmall) -> InputError:
     """A row whose own instruction leaves chunk windows no longer than --chunk-overlap, named by file and line."""
     line = getattr(exc.item, "line", None)
-    return InputError(job.input, line, job.instruction_field, f"{exc.reason}; or lower --chunk-overlap")
+    return InputError(job.input, line, job.instruction_field, exc.reason)
 
 
 def _warn_once(records: Iterable[Record], skipped: Skipped, job: EncodeJob) -> Iterator[Record]:

@@ -161,7 +161,7 @@ class _EncodeActor:
             window = self.encoder.encode_tokenized(encoded, self.job.batch_size, keep_chunks=self.job.keep_chunks)
         except WindowTooSmall as exc:  # name the row by its line, as the single-process CLI does
             line = batch.column("line")[exc.row].as_py()
-            raise InputError(self.job.input, line, self.job.instruction_field, f"{exc.reason}; or lower --chunk-overlap") from None
+            raise InputError(self.job.input, line, self.job.instruction_field, exc.reason) from None
         out = batch.drop_columns(["input_ids", "instruction_count"])
         out = out.append_column("tokens", pa.array(encoded.lengths, type=pa.int32()))
         vectors = window.vectors

@@ -347,7 +347,7 @@ def test_a_row_whose_instruction_leaves_no_room_is_named_by_line(tiny_engine, tm
                       "--long-text", "chunk", "--instruction-field", "q", "--shard-rows", "2"])
     err = capsys.readouterr().err
     assert rc == encode.EXIT_INPUT
-    assert f"error: {src}:4: field 'q': the instruction takes 5" in err and "lower --chunk-overlap" in err
+    assert f"error: {src}:4: field 'q': the instruction takes 5" in err and "(lower the overlap or shorten the instruction)" in err
     assert "input " not in err
 
 
