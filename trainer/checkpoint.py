@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from trainer.errors import CheckpointError
+
 # Encoders this project can run, export and serve; anything else is refused by name.
 SUPPORTED_ARCHITECTURES = ("t5", "mt5", "bert", "roberta", "xlm-roberta")
 DENSE_ACTIVATIONS = {
@@ -25,10 +27,6 @@ TOKENIZER_FILES = (
     "spiece.model",
     "vocab.txt",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded; the message names the file."""
 
 
 @dataclass

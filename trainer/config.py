@@ -11,25 +11,32 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 
-from trainer.upstream_args import add_bool, add_flags, check_flags, json_argv
+from runtime.exit_codes import EPILOG as EXIT_CODES
+from trainer.upstream_args import add_bool, add_flags, check_flags, json_argv, upstream_epilog
+
+USAGE = """\
+python -m trainer --model_name_or_path FOLDER --output_dir DIR --data FILE [options]
+       python -m trainer ARGS.json          (upstream train.py's JSON file of flags)"""
 
 DESCRIPTION = """\
 Train an INSTRUCTOR embedder on MEDI-format data with the upstream contrastive loss.
 
-Every optimizer step takes one global batch (per_device_train_batch_size x number of processes) of ONE task,
-split across processes; embeddings are gathered so each query sees the hard negatives of the whole global
-batch. Launch N processes with `accelerate launch --multi_gpu --num_processes N -m trainer ...` (GPUs: NCCL;
-a machine without CUDA: N CPU processes over gloo) or `torchrun --nproc_per_node N -m trainer ...`.
-The output folder receives the trained model (hkunlp sentence-transformers layout), checkpoints/checkpoint-N
-(model, optimizer, scheduler, RNG and data position; no pickles), train_log.jsonl (loss, lr, throughput per step) and loss_curve.png.
+Every optimizer step takes one global batch (per_device_train_batch_size x processes) of ONE task, split across
+processes; embeddings are gathered so each query sees the negatives of the whole global batch. N processes:
+`accelerate launch --multi_gpu --num_processes N -m trainer ...` (GPUs: NCCL; no CUDA: N CPU processes over gloo).
+OUTPUT_DIR receives the trained model (hkunlp sentence-transformers layout), checkpoints/checkpoint-N (no pickles),
+train_log.jsonl and loss_curve.png. A NaN or infinite loss stops the run (exit 2) naming the step; the checkpoints
+already written are kept and no trained model is saved. Details: docs/training.md.
 """
 
-EPILOG = """\
+EXAMPLES = """\
 examples:
   python -m trainer --model_name_or_path path/to/gtr-t5-large --data medi-data.json --output_dir out \\
       --per_device_train_batch_size 64 --grad_cache_chunk_size 32 --max_steps 20000 --save_steps 500
@@ -39,6 +46,14 @@ examples:
       --max_source_length 512 --num_train_epochs 10 --save_steps 500 --cl_temperature 0.1 --warmup_ratio 0.1 \\
       --learning_rate 2e-5 --overwrite_output_dir
 """
+
+
+HELP_WIDTH = 116  # the description and epilog are written to this width; the options wrap to it too
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=HELP_WIDTH, max_help_position=34)
 
 
 @dataclass(frozen=True)
@@ -97,68 +112,69 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``python -m trainer``'s options, then upstream train.py's other flags (``trainer.upstream_args``)."""
+    """``python -m trainer``'s options, the ones that matter first; upstream train.py's other flags parse silently.
+
+    Those (``trainer.upstream_args``) are listed by name at the end of ``--help``: 60 flags that change nothing
+    here would otherwise bury the dozen that do. Abbreviations are refused (``--max_step`` is not ``--max_steps``).
+    """
     d = TrainJob  # every default comes from the job's fields
     p = argparse.ArgumentParser(
-        prog="python -m trainer", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m trainer", usage=USAGE, description=DESCRIPTION, allow_abbrev=False,
+        epilog="\n\n".join([upstream_epilog(HELP_WIDTH), EXAMPLES.rstrip(), textwrap.fill(EXIT_CODES, HELP_WIDTH)]),
+        formatter_class=_HelpFormatter,
     )
-    io = p.add_argument_group("model and data")
+    io = p.add_argument_group("model, data, output")
     io.add_argument(
-        "--model_name_or_path", required=True,
-        help="sentence-transformers folder to start from (e.g. gtr-t5-large, an hkunlp INSTRUCTOR, all-MiniLM-L6-v2), or a hub "
-        "name such as sentence-transformers/gtr-t5-large already downloaded into --cache_dir or the default caches: "
-        "nothing is downloaded",
-    )
-    io.add_argument("--output_dir", required=True, help="where the trained model, checkpoints/, train_log.jsonl and loss_curve.png go; "
-                    "never the --model_name_or_path folder, and one already holding a model needs --overwrite_output_dir")
-    io.add_argument(
-        "--data",
-        help="MEDI data: a JSON list or JSON-lines file of {query, pos, neg: [instruction, text], task_name or task_id}, "
-        "or a folder holding medi-data.json or one .json/.jsonl file. Default: --cache_dir",
+        "--model_name_or_path", required=True, metavar="FOLDER",
+        help="sentence-transformers folder to start from (gtr-t5-large, an hkunlp INSTRUCTOR, all-MiniLM-L6-v2 ...), or a "
+        "hub name already downloaded into --cache_dir or the default caches: nothing is downloaded",
     )
     io.add_argument(
-        "--cache_dir",
-        help="upstream train.py's folder holding medi-data.json (the data when --data is not given) and the downloaded "
-        "models a hub name in --model_name_or_path is looked up in (sentence-transformers or Hugging Face cache layout)",
+        "--data", metavar="FILE",
+        help="MEDI data: a JSON list or JSON lines of {query, pos, neg: [instruction, text], task_name or task_id}, or a "
+        "folder holding medi-data.json. Default: --cache_dir",
     )
-    io.add_argument("--max_source_length", type=int, default=d.max_source_length, help=f"tokens per text after truncation (keeps the final special token). Default: {d.max_source_length}")
-    add_bool(
-        io, "pad_to_max_length",
-        "pad every text to --max_source_length as upstream does; by default each chunk is padded to its longest text "
-        "(the same embeddings up to float noise, and faster)",
-    )
-    add_bool(io, "overwrite_output_dir", "start afresh even if --output_dir already holds a model or checkpoints")
+    io.add_argument("--output_dir", required=True, metavar="DIR", help="where the model, checkpoints/, train_log.jsonl "
+                    "and loss_curve.png go; a folder holding a model needs --overwrite_output_dir")
+    add_bool(io, "overwrite_output_dir", "start afresh even if --output_dir holds a model or checkpoints")
+    io.add_argument("--resume_from_checkpoint", metavar="PATH|latest", help="continue from a checkpoint folder, or the "
+                    "newest in OUTPUT_DIR/checkpoints; a --learning_rate other than the checkpoint's applies from there on")
+    io.add_argument("--cache_dir", metavar="DIR", help="upstream's folder holding medi-data.json and downloaded models")
 
-    sched = p.add_argument_group("schedule")
-    sched.add_argument("--num_train_epochs", type=float, default=d.num_train_epochs, help=f"epochs over the full single-task batches (fractions allowed). Default: {d.num_train_epochs:g}")
-    sched.add_argument("--max_steps", type=int, default=d.max_steps, help=f"optimizer steps to run; overrides --num_train_epochs when > 0. Default: {d.max_steps}")
-    sched.add_argument("--per_device_train_batch_size", type=int, default=d.per_device_train_batch_size, help=f"examples (query, pos, neg triplets) per process per step. Default: {d.per_device_train_batch_size}")
-    sched.add_argument("--learning_rate", type=float, default=d.learning_rate, help=f"peak AdamW learning rate. Default: {d.learning_rate:g}, upstream's published value")
-    sched.add_argument("--warmup_ratio", type=float, default=d.warmup_ratio, help=f"fraction of the steps with linear warmup; then linear decay to 0. Default: {d.warmup_ratio:g}, upstream's published value")
-    sched.add_argument("--warmup_steps", type=int, default=d.warmup_steps, help=f"warmup steps; overrides --warmup_ratio when > 0, as in Hugging Face's Trainer. Default: {d.warmup_steps}")
-    sched.add_argument("--weight_decay", type=float, default=d.weight_decay, help=f"AdamW weight decay. Default: {d.weight_decay:g}")
-    sched.add_argument("--adam_beta1", type=float, default=d.adam_beta1, help=f"AdamW beta1. Default: {d.adam_beta1:g}")
-    sched.add_argument("--adam_beta2", type=float, default=d.adam_beta2, help=f"AdamW beta2. Default: {d.adam_beta2:g}")
-    sched.add_argument("--adam_epsilon", type=float, default=d.adam_epsilon, help=f"AdamW epsilon. Default: {d.adam_epsilon:g}")
-    sched.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help=f"gradient clipping norm (0 turns clipping off). Default: {d.max_grad_norm:g}, as upstream's HF Trainer")
-    sched.add_argument("--seed", type=int, default=d.seed, help=f"seed for the batch order, dropout and initial RNG state. Default: {d.seed}")
+    sched = p.add_argument_group("steps and schedule")
+    sched.add_argument("--max_steps", type=int, default=d.max_steps, metavar="N", help=f"optimizer steps; overrides --num_train_epochs when > 0. Default: {d.max_steps}")
+    sched.add_argument("--num_train_epochs", type=float, default=d.num_train_epochs, metavar="E", help=f"epochs over the full single-task batches. Default: {d.num_train_epochs:g}")
+    sched.add_argument("--per_device_train_batch_size", type=int, default=d.per_device_train_batch_size, metavar="B", help=f"(query, pos, neg) examples per process per step. Default: {d.per_device_train_batch_size}")
+    sched.add_argument("--learning_rate", type=float, default=d.learning_rate, metavar="LR", help=f"peak AdamW learning rate. Default: {d.learning_rate:g} (upstream's)")
+    sched.add_argument("--warmup_ratio", type=float, default=d.warmup_ratio, metavar="R", help=f"share of the steps with linear warmup, then linear decay to 0. Default: {d.warmup_ratio:g}")
+    sched.add_argument("--warmup_steps", type=int, default=d.warmup_steps, metavar="N", help="warmup steps; overrides --warmup_ratio when > 0")
+    sched.add_argument("--seed", type=int, default=d.seed, help=f"batch order, dropout, initial RNG state. Default: {d.seed}")
 
-    loss = p.add_argument_group("loss and memory")
-    loss.add_argument("--cl_temperature", type=float, default=d.cl_temperature, help=f"temperature tau of cos/tau (the published command uses 0.1; the earlier README 0.01). Default: {d.cl_temperature:g}")
+    loss = p.add_argument_group("loss, memory, precision")
+    loss.add_argument("--cl_temperature", type=float, default=d.cl_temperature, metavar="TAU", help=f"temperature of cos/tau. Default: {d.cl_temperature:g} (upstream's published command)")
+    loss.add_argument("--max_source_length", type=int, default=d.max_source_length, metavar="N", help=f"tokens per text after truncation. Default: {d.max_source_length}")
     loss.add_argument(
-        "--grad_cache_chunk_size", type=int, default=d.grad_cache_chunk_size,
-        help="GradCache: embed at most this many texts at a time (each example has 3 texts); the loss still sees the whole "
-        f"batch, with exact gradients. Use it when per_device_train_batch_size does not fit in memory. 0 = off. Default: {d.grad_cache_chunk_size}",
+        "--grad_cache_chunk_size", type=int, default=d.grad_cache_chunk_size, metavar="N",
+        help="GradCache: embed N texts at a time (3 per example) with exact gradients of the whole batch, for batches "
+        "larger than memory. Default: 0 (off)",
     )
     loss.add_argument("--mixed_precision", choices=MIXED_PRECISION, default=d.mixed_precision, help=f"autocast precision of the encoder (the loss is fp32). Default: {d.mixed_precision}")
-    add_bool(loss, "fp16", "the same as --mixed_precision fp16 (Hugging Face's flag)")
-    add_bool(loss, "bf16", "the same as --mixed_precision bf16 (Hugging Face's flag)")
     add_bool(loss, "gradient_checkpointing", "recompute encoder activations in backward to save memory")
+    add_bool(loss, "pad_to_max_length", "pad every text to --max_source_length as upstream (default: to each chunk's longest)")
 
     ck = p.add_argument_group("checkpoints")
-    ck.add_argument("--save_steps", type=int, default=d.save_steps, help=f"save the training state (model, optimizer, scheduler, RNG, data position; no pickles) every N steps. Default: {d.save_steps}")
-    ck.add_argument("--save_total_limit", type=int, default=d.save_total_limit, help="keep only the newest N checkpoints (older ones are deleted). Default: keep all")
-    ck.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' for the newest in OUTPUT_DIR/checkpoints")
+    ck.add_argument("--save_steps", type=int, default=d.save_steps, metavar="N", help=f"save the training state every N steps. Default: {d.save_steps}")
+    ck.add_argument("--save_total_limit", type=int, default=d.save_total_limit, metavar="N", help="keep only the newest N checkpoints. Default: all")
+
+    opt = p.add_argument_group("optimizer details (Hugging Face's defaults)")
+    opt.add_argument("--weight_decay", type=float, default=d.weight_decay, help=f"AdamW weight decay. Default: {d.weight_decay:g}")
+    opt.add_argument("--adam_beta1", type=float, default=d.adam_beta1, help=f"Default: {d.adam_beta1:g}")
+    opt.add_argument("--adam_beta2", type=float, default=d.adam_beta2, help=f"Default: {d.adam_beta2:g}")
+    opt.add_argument("--adam_epsilon", type=float, default=d.adam_epsilon, help=f"Default: {d.adam_epsilon:g}")
+    opt.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help=f"gradient clipping norm, 0 = off. Default: {d.max_grad_norm:g}")
+    add_bool(opt, "fp16", "= --mixed_precision fp16")
+    add_bool(opt, "bf16", "= --mixed_precision bf16")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error on stderr")
     add_flags(p)
     return p
 
@@ -173,15 +189,31 @@ def _mixed_precision(args: dict, parser: argparse.ArgumentParser) -> str:
     return asked.pop() if asked else "no"
 
 
-def parse_job(argv: list[str] | None = None) -> TrainJob:
-    """The command line (or a ``train.py args.json`` file) as a ``TrainJob``; bad values exit 2 with a message."""
+def _unrecognized(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    """The refusal of flags this trainer does not know, with the option a misspelt or shortened one was meant to be."""
+    known = list(parser._option_string_actions)  # every --flag, upstream ones included
+    guesses = []
+    for flag in (u.split("=", 1)[0] for u in unknown if u.startswith("--")):
+        # an abbreviation (what argparse used to accept silently) or a near miss
+        close = [k for k in known if k.startswith(flag)] or difflib.get_close_matches(flag, known, n=1, cutoff=0.85)
+        guesses += [f"{flag} -> {' or '.join(close[:3])}?"] if close else []
+    hint = f" (did you mean: {', '.join(guesses)})" if guesses else ""
+    return (
+        f"unrecognized arguments: {' '.join(unknown)}{hint}. These are not options of python -m trainer (spelt out in "
+        "full, no abbreviations; see --help); docs/compatibility.md lists every upstream train.py flag and what it does here"
+    )
+
+
+def parse_command(argv: list[str] | None = None) -> tuple[TrainJob, bool]:
+    """The command line (or a ``train.py args.json`` file) as a ``TrainJob`` and ``--debug``; bad values exit 2."""
     parser = build_parser()
-    namespace, unknown = parser.parse_known_args(json_argv(sys.argv[1:] if argv is None else argv))
+    try:
+        argv = json_argv(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        parser.error(str(exc))
+    namespace, unknown = parser.parse_known_args(argv)
     if unknown:
-        parser.error(
-            f"unrecognized arguments: {' '.join(unknown)}. These are not options of python -m trainer (see --help); "
-            "docs/compatibility.md lists every upstream train.py flag and what it does here"
-        )
+        parser.error(_unrecognized(unknown, parser))
     errors, notes = check_flags(namespace)
     if errors:
         parser.error("; ".join(errors))
@@ -197,4 +229,9 @@ def parse_job(argv: list[str] | None = None) -> TrainJob:
     if os.environ.get("RANK", "0") == "0":  # once, not once per process
         for note in notes:
             print(note, file=sys.stderr)
-    return job
+    return job, args["debug"]
+
+
+def parse_job(argv: list[str] | None = None) -> TrainJob:
+    """The command line as a ``TrainJob`` (``parse_command`` without ``--debug``)."""
+    return parse_command(argv)[0]

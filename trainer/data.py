@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -240,22 +241,38 @@ class MediIndex:
 
     @classmethod
     def load(cls, index_file: str | Path, data_path: str | Path) -> "MediIndex | None":
-        """The cached index, or None when it is missing or was built from another version of the file."""
+        """The cached index, or None when it is missing, damaged or was built from another version of the file.
+
+        It is only a cache: a truncated or edited ``data-index.npz`` is rebuilt from the data, never trusted or fatal.
+        """
         index_file = Path(index_file)
+        path = resolve_data_path(data_path)
         if not index_file.is_file():
             return None
-        path = resolve_data_path(data_path)
-        with np.load(index_file) as z:
-            meta = json.loads(str(z["meta"]))
-            stat = path.stat()
-            if (meta.get("version"), meta.get("path"), meta.get("size"), meta.get("mtime_ns")) != (
-                INDEX_VERSION,
-                str(path.resolve()),
-                stat.st_size,
-                stat.st_mtime_ns,
-            ):
-                return None
-            return cls(path, z["offsets"], z["lengths"], z["task"], list(meta["task_keys"]))
+        stat = path.stat()
+        try:
+            with np.load(index_file) as z:  # allow_pickle stays off: arrays only
+                meta = json.loads(str(z["meta"]))
+                if (meta.get("version"), meta.get("path"), meta.get("size"), meta.get("mtime_ns")) != (
+                    INDEX_VERSION,
+                    str(path.resolve()),
+                    stat.st_size,
+                    stat.st_mtime_ns,
+                ):
+                    return None
+                index = cls(path, z["offsets"], z["lengths"], z["task"], list(meta["task_keys"]))
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, EOFError, zipfile.BadZipFile):
+            return None
+        return index if index.consistent(stat.st_size) else None
+
+    def consistent(self, size: int) -> bool:
+        """Whether the arrays can index a file of ``size`` bytes: same row counts, rows inside it, known tasks."""
+        n = len(self.offsets)
+        return (
+            n > 0 and len(self.lengths) == n and len(self.task) == n
+            and bool((self.offsets >= 0).all() and (self.lengths > 0).all() and (self.offsets + self.lengths <= size).all())
+            and bool((self.task >= 0).all() and (self.task < len(self.task_keys)).all())
+        )
 
     def rows_of_task(self) -> list[np.ndarray]:
         """Row numbers of each task, in file order."""

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from runtime.instructor import elsewhere_error
-from trainer.model import InstructorModel
+from trainer.model import InstructorModel, resolve_device
 from trainer.model_source import local_model_folder
 
 
@@ -24,19 +24,21 @@ class INSTRUCTOR(InstructorModel):
     """``INSTRUCTOR(model_name_or_path, device=None, cache_folder=None)``, as in InstructorEmbedding 1.0.1.
 
     ``model_name_or_path``: a sentence-transformers folder, or a hub name already on disk in ``cache_folder`` or
-    the default caches (nothing is downloaded). ``device``: where the model runs; by default CUDA when torch sees
-    a GPU, else the CPU, as 1.0.1.
+    the default caches (nothing is downloaded); an engine file (``.onnx`` ...) is refused with ``runtime.INSTRUCTOR``,
+    which runs it. ``device``: where the model runs; by default CUDA when torch sees a GPU, else the CPU, as 1.0.1;
+    one this machine lacks raises ``DeviceError`` saying so.
     """
 
     def __init__(
         self, model_name_or_path: str | Path, device: str | None = None, cache_folder: str | Path | None = None
     ) -> None:
+        target = resolve_device(device)  # before the weights load: a device this machine lacks fails at once, clearly
         loaded = InstructorModel.from_pretrained(local_model_folder(model_name_or_path, cache_folder))
         super().__init__(
             loaded.auto_model, loaded.tokenizer, loaded.dense, loaded.dense_activation_name, loaded.normalize, loaded.source_dir
         )
         self.eval()
-        self.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.to(target)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "INSTRUCTOR":

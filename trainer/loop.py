@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,23 +25,21 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from trainer.batching import BatchPlan, local_slice
-from trainer.checkpoint import CheckpointError
 from trainer.config import TrainJob
 from trainer.data import DataError, MediIndex, RowReader
+from trainer.divergence import diverged, gradient_norm, nonfinite_anywhere, weights_finite
+from trainer.errors import ConfigError, LaunchError
 from trainer.features import TrainingFeaturizer
 from trainer.metrics import StepLog, plot_loss
 from trainer.model import InstructorModel
 from trainer.model_source import local_model_folder
-from trainer.state import load_training_state, save_training_state
+from trainer.progress import stage
+from trainer.state import check_files, load_training_state, read_train_state, save_training_state
 from trainer.step import contrastive_step
 
 CHECKPOINTS = "checkpoints"
 # Files that make a folder a model (ours, sentence-transformers', transformers'): an output holding one is not reused.
 MODEL_FILES = ("modules.json", "config.json", "model.safetensors", "pytorch_model.bin", "config_sentence_transformers.json")
-
-
-class LaunchError(RuntimeError):
-    """The processes were not started as the user asked."""
 
 
 def check_launch(env: dict[str, str] | None = None) -> None:
@@ -72,30 +71,42 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The file at ``folder`` or at the nearest existing folder above it, which stops it from being a folder; else None."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
+
+
 def check_output_dir(job: TrainJob) -> Path | None:
-    """Refuse an output that would destroy a model; return the checkpoint to resume from (or None).
+    """Refuse an output that would destroy a model or cannot be a folder; return the checkpoint to resume from (or None).
 
     The source model's folder is never an output (the trained ``model.safetensors`` would sit beside its ``.bin``
     and win at load). A folder holding a model or checkpoints needs ``--overwrite_output_dir``, unless the run
     resumes from it.
     """
     output_dir, source = Path(job.output_dir), Path(job.model_name_or_path)
+    blocker = _file_in_the_way(output_dir)
+    if blocker is not None:
+        where = "is a file" if blocker == output_dir else f"is under {blocker}, which is a file"
+        raise ConfigError(f"{output_dir}: --output_dir {where}, not a folder; give a folder (it is created if missing)")
     if output_dir.resolve() == source.resolve() or (output_dir.exists() and source.exists() and output_dir.samefile(source)):
-        raise CheckpointError(f"{output_dir}: --output_dir is the model being trained from (--model_name_or_path); choose another folder")
+        raise ConfigError(f"{output_dir}: --output_dir is the model being trained from (--model_name_or_path); choose another folder")
     if job.resume_from_checkpoint:
         resume = latest_checkpoint(output_dir) if job.resume_from_checkpoint == "latest" else Path(job.resume_from_checkpoint)
         if resume is None or not resume.is_dir():
-            raise CheckpointError(f"{job.resume_from_checkpoint}: no checkpoint to resume from (looked in {output_dir / CHECKPOINTS})")
+            raise ConfigError(f"{job.resume_from_checkpoint}: no checkpoint to resume from (looked in {output_dir / CHECKPOINTS})")
         return resume
     if job.overwrite_output_dir:
         return None
     if latest_checkpoint(output_dir) is not None:
-        raise CheckpointError(
+        raise ConfigError(
             f"{output_dir}: already holds checkpoints; pass --resume_from_checkpoint latest to continue or --overwrite_output_dir to start afresh"
         )
     found = [name for name in MODEL_FILES if (output_dir / name).exists()]
     if found:
-        raise CheckpointError(
+        raise ConfigError(
             f"{output_dir}: already holds a model ({', '.join(found)}); pass --overwrite_output_dir to replace it or choose another --output_dir"
         )
     return None
@@ -108,10 +119,14 @@ def _load_index(accelerator: Accelerator, data: str, output_dir: Path) -> MediIn
     index = None
     if accelerator.is_main_process:
         try:
-            index = MediIndex.load(cache, data)
-            if index is None:
-                index = MediIndex.build(data)
-                index.save(cache)
+            with stage(f"validating and indexing {data} (every row, before step 1)") as note:
+                index = MediIndex.load(cache, data)
+                if index is None:
+                    index = MediIndex.build(data)
+                    index.save(cache)
+                    note.detail = f"{len(index)} rows"
+                else:
+                    note.detail = f"{len(index)} rows, validated before: the index cached in {cache.name} is reused"
         except DataError as exc:
             message = [str(exc)]
     broadcast_object_list(message)
@@ -143,11 +158,16 @@ def plan_run(job: TrainJob, accelerator: Accelerator, output_dir: Path) -> tuple
     world = accelerator.num_processes
     global_batch = job.per_device_train_batch_size * world
     if global_batch < 2:
-        raise ValueError("the global batch (per_device_train_batch_size x processes) must be >= 2: the loss needs in-batch negatives")
+        raise ConfigError("the global batch (per_device_train_batch_size x processes) must be >= 2: the loss needs in-batch negatives")
     index = _load_index(accelerator, job.data, output_dir)
-    plan = BatchPlan(tuple(index.rows_of_task()), global_batch, job.seed)
+    with stage("planning the single-task batches", accelerator.is_main_process) as note:
+        plan = BatchPlan(tuple(index.rows_of_task()), global_batch, job.seed)
+        note.detail = f"{plan.steps_per_epoch} steps per epoch"
     if plan.steps_per_epoch == 0:
-        raise DataError(f"{index.path}: no task has {global_batch} rows, the global batch size: nothing to train on")
+        raise ConfigError(
+            f"{index.path}: no task has {global_batch} rows, the global batch size: nothing to train on; "
+            "lower --per_device_train_batch_size"
+        )
     total = job.max_steps if job.max_steps > 0 else math.ceil(job.num_train_epochs * plan.steps_per_epoch)
     if accelerator.is_main_process:
         dropped = plan.dropped_per_epoch()
@@ -168,7 +188,10 @@ def plan_run(job: TrainJob, accelerator: Accelerator, output_dir: Path) -> tuple
 
 def build_run(job: TrainJob, accelerator: Accelerator, index: MediIndex, plan: BatchPlan, total: int) -> Run:
     """The model, AdamW and the linear warmup/decay schedule, prepared for this process."""
-    model = InstructorModel.from_pretrained(job.model_name_or_path)
+    main = accelerator.is_main_process
+    with stage(f"loading the model from {job.model_name_or_path}", main) as note:
+        model = InstructorModel.from_pretrained(job.model_name_or_path)
+        note.detail = f"{model.architecture}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
     pooler = getattr(model.auto_model, "pooler", None)
     if pooler is not None:  # BERT's pooler output is not used: without a gradient it must not be trained (nor DDP-synced)
         pooler.requires_grad_(False)
@@ -182,7 +205,9 @@ def build_run(job: TrainJob, accelerator: Accelerator, index: MediIndex, plan: B
     # The schedule counts global steps: it is not passed to prepare(), which would step it once per process.
     scheduler = get_linear_schedule_with_warmup(optimizer, job.warmup_steps_of(total), total)
     featurizer = TrainingFeaturizer(model.tokenizer, job.max_source_length, job.pad_to_max_length)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    world = accelerator.num_processes
+    with stage(f"preparing the model and optimizer for {world} process{'es' if world > 1 else ''} on {accelerator.device}", main):
+        model, optimizer = accelerator.prepare(model, optimizer)
     settings = {
         "seed": job.seed,
         "global_batch": plan.global_batch,
@@ -219,26 +244,77 @@ def save_checkpoint(run: Run, output_dir: Path, keep: int | None = None) -> None
     acc.wait_for_everyone()
 
 
-def restore_checkpoint(run: Run, folder: Path) -> None:
-    """Load ``folder`` into this process; the settings that fix the batch plan must be the saved ones."""
+def _apply_learning_rate(run: Run, learning_rate: float) -> float | None:
+    """Make ``learning_rate`` the peak of the restored schedule from the current step on; the checkpoint's when it differed.
+
+    The optimizer and schedule states restore the learning rate the checkpoint was made with; after a diverged
+    run the way on is that checkpoint with a lower rate, so ``--learning_rate`` given on resume is applied.
+    """
+    sched = run.scheduler
+    before = sched.base_lrs[0]
+    if all(base == learning_rate for base in sched.base_lrs):
+        return None
+    sched.base_lrs = [learning_rate] * len(sched.base_lrs)
+    for group, factor in zip(run.optimizer.param_groups, (f(sched.last_epoch) for f in sched.lr_lambdas)):
+        group["initial_lr"], group["lr"] = learning_rate, learning_rate * factor
+    sched._last_lr = [group["lr"] for group in run.optimizer.param_groups]  # what get_last_lr() reports until the next step
+    return before
+
+
+def restore_checkpoint(run: Run, folder: Path, learning_rate: float | None = None) -> None:
+    """Load ``folder`` into this process; the settings that fix the batch plan must be the saved ones.
+
+    A damaged file stops the run with a ``CheckpointError`` naming it; other settings with a ``ConfigError``.
+    """
     acc = run.accelerator
-    saved = load_training_state(folder, acc.process_index, acc.num_processes, acc.unwrap_model(run.model),
-                                run.optimizer, run.scheduler, acc.scaler)
-    if saved.get("settings") != run.settings:
-        diff = {k: (saved.get("settings", {}).get(k), v) for k, v in run.settings.items() if saved.get("settings", {}).get(k) != v}
-        raise CheckpointError(f"{folder}: the checkpoint was made with other settings (saved, now): {diff}")
-    run.step = int(saved["step"])
+    with stage(f"restoring {folder}", acc.is_main_process):
+        check_files(folder)
+        saved = read_train_state(folder)
+        if saved["settings"] != run.settings:
+            diff = {k: (saved["settings"].get(k), v) for k, v in run.settings.items() if saved["settings"].get(k) != v}
+            raise ConfigError(f"{folder}: the checkpoint was made with other settings (saved, now): {diff}")
+        load_training_state(folder, acc.process_index, acc.unwrap_model(run.model), run.optimizer, run.scheduler, acc.scaler)
+        run.step = saved["step"]
+        before = _apply_learning_rate(run, learning_rate) if learning_rate is not None else None
     if acc.is_main_process:
         print(f"resumed from {folder} at step {run.step}")
+        if before is not None:
+            print(f"note: --learning_rate {learning_rate:g} replaces the checkpoint's {before:g} from step {run.step + 1} on", file=sys.stderr)
+
+
+def _stop_if_diverged(run: Run, output_dir: Path, lr: float, values: dict[str, Any], step: int, applied: bool = False) -> None:
+    """Raise ``DivergedError`` on every process when any of ``values`` is NaN or infinite on any process."""
+    bad = nonfinite_anywhere(values, run.accelerator.device)
+    if bad:
+        raise diverged(step, " and ".join(bad), lr, latest_checkpoint(output_dir), run.accelerator.num_processes, applied)
+
+
+def _check_weights(run: Run, output_dir: Path, lr: float) -> None:
+    """Before a save: weights that an optimizer step made NaN are never written as a checkpoint or a model."""
+    ok = weights_finite(run.accelerator.unwrap_model(run.model).parameters())
+    _stop_if_diverged(run, output_dir, lr, {"a weight": 0.0 if ok else math.nan}, run.step, applied=True)
 
 
 def run_steps(run: Run, job: TrainJob, output_dir: Path) -> None:
-    """Optimizer steps from ``run.step`` to ``run.total``, with a log line per step and a checkpoint every save_steps."""
-    acc = run.accelerator
-    main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
+    """Optimizer steps from ``run.step`` to ``run.total``, with a log line per step and a checkpoint every save_steps.
+
+    A NaN or infinite loss or gradient norm (on any process) raises ``DivergedError`` before that step's optimizer
+    step; the checkpoints already written stay as they are.
+    """
+    main = run.accelerator.is_main_process
     log = StepLog(output_dir / "train_log.jsonl", run.step) if main else None
     reader = RowReader(run.index)
     bar = tqdm(total=run.total, initial=run.step, desc="Training", unit="step", disable=not main)
+    try:
+        _steps(run, job, output_dir, reader, bar, log)
+    finally:
+        bar.close()
+        reader.close()
+
+
+def _steps(run: Run, job: TrainJob, output_dir: Path, reader: RowReader, bar: Any, log: StepLog | None) -> None:
+    acc = run.accelerator
+    main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
     epoch_batches: tuple[int, list] = (-1, [])
     while run.step < run.total:
         epoch, position = divmod(run.step, run.plan.steps_per_epoch)
@@ -253,7 +329,12 @@ def run_steps(run: Run, job: TrainJob, output_dir: Path) -> None:
             backward=acc.backward, no_sync=lambda: acc.no_sync(run.model), autocast=acc.autocast,
         )
         if job.max_grad_norm > 0:
-            acc.clip_grad_norm_(run.model.parameters(), job.max_grad_norm)
+            norm = acc.clip_grad_norm_(run.model.parameters(), job.max_grad_norm)
+        else:
+            norm = gradient_norm(run.model.parameters())
+        # fp16's grad scaler skips a step whose gradients overflowed and lowers its scale: that is not divergence
+        checked = {"the loss": loss, "the gradient norm": norm if acc.scaler is None else None}
+        _stop_if_diverged(run, output_dir, lr, checked, run.step + 1)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -266,18 +347,20 @@ def run_steps(run: Run, job: TrainJob, output_dir: Path) -> None:
             bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{speed:.1f}", lr=f"{lr:.2e}")
         bar.update(1)
         if run.step % job.save_steps == 0 and run.step < run.total:
+            _check_weights(run, output_dir, lr)
             save_checkpoint(run, output_dir, job.save_total_limit)
-    bar.close()
-    reader.close()
 
 
 def save_final(run: Run, output_dir: Path) -> None:
+    """Write the trained model (never NaN weights: a diverged last step stops here) and the loss curve."""
     acc = run.accelerator
+    _check_weights(run, output_dir, run.scheduler.get_last_lr()[0])
     acc.wait_for_everyone()
     if acc.is_main_process:
-        acc.unwrap_model(run.model).save(output_dir)
-        if (output_dir / "train_log.jsonl").stat().st_size:
-            plot_loss(output_dir / "train_log.jsonl", output_dir / "loss_curve.png")
+        with stage(f"saving the trained model to {output_dir}"):
+            acc.unwrap_model(run.model).save(output_dir)
+            if (output_dir / "train_log.jsonl").stat().st_size:
+                plot_loss(output_dir / "train_log.jsonl", output_dir / "loss_curve.png")
         print(f"saved the trained model to {output_dir}")
     acc.wait_for_everyone()
     acc.end_training()
@@ -299,7 +382,7 @@ def train(job: TrainJob) -> Path:
     index, plan, total = plan_run(job, accelerator, output_dir)
     run = build_run(job, accelerator, index, plan, total)
     if resume is not None:
-        restore_checkpoint(run, resume)
+        restore_checkpoint(run, resume, job.learning_rate)
     run_steps(run, job, output_dir)
     save_final(run, output_dir)
     return output_dir

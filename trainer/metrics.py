@@ -8,20 +8,35 @@ from typing import Any
 
 
 class StepLog:
-    """Appends one JSON object per optimizer step; on resume, drops the lines of steps after the checkpoint."""
+    """Appends one JSON object per optimizer step; on resume, drops the lines of steps after the checkpoint.
+
+    A line a kill cut in half (or any line that is not a step record) is dropped too: the log is rewritten from
+    the steps the checkpoint holds, so a torn line never stops a resume.
+    """
 
     def __init__(self, path: str | Path, resume_step: int = 0) -> None:
         self.path = Path(path)
         kept = []
         if resume_step and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip() and json.loads(line)["step"] <= resume_step:
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                step = _step_of(line)
+                if step is not None and step <= resume_step:
                     kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a log line, or None for a torn or foreign line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:

@@ -40,6 +40,37 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor, instruction_
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", None)
 
 
+class DeviceError(RuntimeError):
+    """A device torch cannot use here (no CUDA GPU, a GPU index past the last one): says what to use instead."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has (default: CUDA when torch sees a GPU, else the CPU).
+
+    Checked before the model moves: without it, ``'cuda'`` on a CPU-only torch fails deep in torch with a bare
+    ``AssertionError: Torch not compiled with CUDA enabled``.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"device={device!r}: not a device name torch knows; use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise DeviceError(
+                f"device={device!r}: torch sees no CUDA GPU (torch {torch.__version__}, {build}); use device='cpu', "
+                "or for speed on the CPU an exported engine: `python -m export FOLDER --out model.onnx`, then "
+                "`runtime.INSTRUCTOR('model.onnx')`"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device={device!r}: torch sees {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device={device!r}: the MPS backend is not available here; use device='cpu'")
+    return dev
+
+
 def _all_outputs(
     feats: dict[str, torch.Tensor], hidden: torch.Tensor, emb: torch.Tensor, row: int, length: int, count: int
 ) -> dict[str, torch.Tensor]:
@@ -211,7 +242,7 @@ class InstructorModel(nn.Module):
         single = isinstance(sentences, str)
         items = [sentences] if single else list(sentences)
         if device is not None:
-            self.to(device)
+            self.to(resolve_device(device))
         self.eval()
         encoded = self.tokenizer.encode(items)
         order = np.argsort(-encoded.lengths, kind="stable")

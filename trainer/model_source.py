@@ -11,7 +11,8 @@ sentence-transformers/gtr-t5-large --cache_dir C`` find the copy a user already 
 - the Hugging Face hub cache (``models--hkunlp--instructor-large/snapshots/REVISION``) in ``cache_folder`` and
   in ``$HF_HUB_CACHE`` (default ``$HF_HOME/hub``, ``~/.cache/huggingface/hub``).
 
-Anything else fails with a message saying to pass a local folder.
+Anything else fails with a message saying to pass a local folder; an engine file (``.onnx``, ``.plan``, ``.pt2``)
+with one naming ``runtime.INSTRUCTOR``, which runs engines.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trainer.checkpoint import CheckpointError
+from runtime.bundle import ENGINE_KINDS
+from trainer.errors import ModelNotFoundError
 
 
 def _st_cache(cache_folder: str | Path | None) -> Path:
@@ -58,17 +60,25 @@ def candidates(name: str, cache_folder: str | Path | None = None) -> list[Path]:
 
 
 def local_model_folder(name: str | Path, cache_folder: str | Path | None = None) -> Path:
-    """``name`` itself if it is a folder, else its copy in a cache above; else a ``CheckpointError`` naming where it looked."""
+    """``name`` itself if it is a folder, else its copy in a cache above; else a ``ModelNotFoundError`` saying what to pass."""
     path = Path(name)
     if path.is_dir():
         return path
+    if path.suffix.lower() in ENGINE_KINDS:  # what `python -m export` writes: runs without PyTorch
+        raise ModelNotFoundError(
+            f"{name}: an exported engine, not a checkpoint folder: PyTorch (trainer.INSTRUCTOR, training, export) loads the "
+            f"sentence-transformers folder it was exported from; to run the engine use `runtime.INSTRUCTOR({str(name)!r})` "
+            "or `runtime.Encoder`"
+        )
+    if path.exists():
+        raise ModelNotFoundError(f"{name}: a file, not a model folder (a sentence-transformers folder holding modules.json)")
     looked = []
     for folder in candidates(str(name), cache_folder):
         target = _snapshot(folder) if folder.name.startswith("models--") else folder
         if target is not None and (target / "modules.json").is_file():
             return target
         looked.append(str(folder))
-    raise CheckpointError(
+    raise ModelNotFoundError(
         f"{name}: no such folder, and no model hub is contacted here (nothing is downloaded). Looked for it as a hub "
         f"name in: {', '.join(looked)}. Pass a local folder: download the model once where the hub is reachable "
         f"(e.g. `hf download {name} --local-dir path/to/model`) and give path/to/model."

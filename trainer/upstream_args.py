@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,23 +116,33 @@ def hf_bool(text: str) -> bool:
 
 def add_bool(group: Any, name: str, help: str, default: bool = False) -> None:
     """``--flag`` alone means true; ``--flag False`` and ``--flag=true`` work too, as in ``train.py``."""
-    group.add_argument(f"--{name}", type=hf_bool, nargs="?", const=True, default=default, help=help)
+    group.add_argument(f"--{name}", type=hf_bool, nargs="?", const=True, default=default, metavar="true|false", help=help)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``FLAGS``, in one help group, under their upstream names (``--local-rank`` too)."""
-    group = parser.add_argument_group(
-        "upstream train.py flags", "accepted at their upstream defaults; other values are noted (no effect here) or refused"
-    )
+    """The flags of ``FLAGS`` under their upstream names (``--local-rank`` too), parsed but left out of ``--help``'s
+    option list: ``upstream_epilog`` names them in a few lines at the end, and each one's note is in its message."""
     for flag in FLAGS:
-        what = ("refused unless the default" if flag.refused else "no effect here") + (f": {flag.note}" if flag.note else "")
-        help = f"{what}. Default: {flag.default}"
         dest = f"upstream_{flag.name}"
         if flag.kind is bool:
-            group.add_argument(f"--{flag.name}", dest=dest, type=hf_bool, nargs="?", const=True, default=flag.default, help=help)
+            parser.add_argument(f"--{flag.name}", dest=dest, type=hf_bool, nargs="?", const=True, default=flag.default, help=argparse.SUPPRESS)
         else:
             names = [f"--{flag.name}"] + (["--local-rank"] if flag.name == "local_rank" else [])
-            group.add_argument(*names, dest=dest, type=flag.kind, nargs=flag.nargs, default=flag.default, help=help)
+            parser.add_argument(*names, dest=dest, type=flag.kind, nargs=flag.nargs, default=flag.default, help=argparse.SUPPRESS)
+
+
+def upstream_epilog(width: int = 116) -> str:
+    """``--help``'s compact list of the upstream flags: those that change nothing here, then those refused."""
+    noted = " ".join(f"--{f.name}" for f in FLAGS if not f.refused)
+    refused = " ".join(f"--{f.name}" for f in FLAGS if f.refused)
+    wrap = lambda text: textwrap.fill(text, width, initial_indent="  ", subsequent_indent="  ")  # noqa: E731
+    return "\n".join([
+        "upstream train.py flags, accepted at their defaults (docs/compatibility.md#training-trainpy):",
+        "  no effect here (another value is noted):",
+        wrap(noted),
+        "  refused at another value, with what to do instead:",
+        wrap(refused),
+    ])
 
 
 def check_flags(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -149,15 +160,18 @@ def check_flags(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 
 def json_argv(argv: list[str]) -> list[str]:
-    """``train.py args.json`` (one JSON file of flag values, as Hugging Face's parser takes) as a command line."""
+    """``train.py args.json`` (one JSON file of flag values, as Hugging Face's parser takes) as a command line.
+
+    A file that is not a JSON object raises ``ValueError`` naming it (the parser turns it into a usage error).
+    """
     if len(argv) != 1 or not argv[0].endswith(".json") or not Path(argv[0]).is_file():
         return argv
     try:
         values = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: {argv[0]}: not a JSON object of train.py flags ({exc})") from exc
+        raise ValueError(f"{argv[0]}: not a JSON object of train.py flags ({exc})") from exc
     if not isinstance(values, dict):
-        raise SystemExit(f"error: {argv[0]}: expected a JSON object of train.py flags, got {type(values).__name__}")
+        raise ValueError(f"{argv[0]}: expected a JSON object of train.py flags, got {type(values).__name__}")
     out: list[str] = []
     for key, value in values.items():
         if value is None:
