@@ -77,7 +77,7 @@ def make_overflow_checkpoint(folder: str | Path, scale: float = OVERFLOW_WO_SCAL
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shape", choices=(*SHAPES, "overflow"), help="model shape, or the fp16 overflow fixture")
     p.add_argument("folder", type=Path, help="output checkpoint folder")
     p.add_argument("--seed", type=int, default=0, help="weight generator seed (random shapes). Default: 0")

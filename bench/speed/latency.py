@@ -22,7 +22,7 @@ LENGTHS = (32, 128, 512)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.speed.latency", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.speed.latency", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="base", choices=MODELS, help="model shape (seeded random T5) or the real MiniLM. Default: base")
     p.add_argument("--precisions", nargs="+", default=["fp32", "int8"], help="runtime engine precisions. Default: fp32 int8")
     p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES), help="batch sizes. Default: 1 8 32")

@@ -19,7 +19,7 @@ from bench.common import environment, load_corpus, with_instruction, write_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.speed.ort_profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.speed.ort_profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", type=Path, required=True, help="an .onnx engine bundle (python -m export ... --out NAME.onnx)")
     p.add_argument("--data", nargs="*", default=[], help="data folders (DATA_DIR) or .jsonl/.txt files; none: built-in corpus")
     p.add_argument("--docs", type=int, default=200, help="texts to encode. Default: 200")

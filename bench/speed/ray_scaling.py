@@ -20,7 +20,7 @@ from runtime import encode
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.speed.ray_scaling", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.speed.ray_scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", required=True, help="an .onnx (CPU) or .plan bundle")
     p.add_argument("--input", required=True, type=Path, help="a .jsonl/.txt/.parquet corpus")

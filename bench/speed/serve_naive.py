@@ -44,7 +44,7 @@ def create_app(checkpoint: Path, batch_size: int = 32) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.speed.serve_naive", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.speed.serve_naive", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="sentence-transformers folder of the model")
     p.add_argument("--host", default="127.0.0.1", help="Default: 127.0.0.1")
     p.add_argument("--port", type=int, default=8081, help="Default: 8081")
