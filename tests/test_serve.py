@@ -25,7 +25,7 @@ from runtime.serve.app import Service, create_app, engine_devices, open_encoders
 from runtime.serve.config import ServeConfig, load_instructions  # noqa: E402
 from bench.speed.serve import scrape  # noqa: E402
 from tests.conftest import assert_torch_free  # noqa: E402
-from tests.serve_support import GatedEncoder, live_server, metric  # noqa: E402
+from tests.serve_support import GatedEncoder, live_server, metric, wait_until  # noqa: E402
 
 QUERY = "Represent the Wikipedia question for retrieving supporting documents: "
 NAMED = {"query": QUERY, "doc": "Represent the Wikipedia document for retrieval: "}
@@ -125,6 +125,19 @@ BAD_REQUESTS = [
     ("/embed", {"inputs": "x", "truncate": "yes"}, 400, ["truncate"]),
     ("/embed", {"inputs": "x", "prompt_name": "nope"}, 400, ["doc, query"]),
     ("/embed", {"inputs": {"a": 1}}, 400, ["inputs must be"]),
+    # numbers and nesting anywhere in the body: orjson's limits, a JSON error, never a 500
+    ("/v1/embeddings", b'{"input": "x", "n": ' + b"9" * 5000 + b"}", 400, ["malformed JSON", "line 1, column 21"]),
+    ("/v1/embeddings", b'{"input": ["\\ud800"], "n": ' + b"9" * 5000 + b"}", 400, ["out of range", "5000 characters"]),
+    ("/v1/embeddings", b'{"input": ["\\ud800"], "n": NaN}', 400, ["NaN is not a JSON value"]),
+    ("/v1/embeddings", b'{"input": "x", "n": 1e999}', 400, ["malformed JSON"]),
+    ("/v1/embeddings", b'{"input": "x", "n": ' + b"[" * 1100 + b"]" * 1100 + b"}", 400, ["malformed JSON"]),
+    ("/v1/embeddings", b'{"input": ["\\ud800"], "n": ' + b"[" * 1100 + b"]" * 1100 + b"}", 400, ["nested too deeply"]),
+    ("/v1/embeddings", b'{"input": "x", "encoding_format": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400, ["encoding_format", "got an array"]),
+    ("/v1/embeddings", b'{"input": "x", "embedding_type": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400, ["embedding_type", "got an array"]),
+    ("/v1/embeddings", {"input": "x", "embedding_type": {"a": 1}}, 400, ["embedding_type", "got an object"]),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "z" * 100_000}, 400, ["encoding_format", "100000 characters"]),
+    ("/embed", b'{"inputs": "x", "truncation_direction": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400, ["truncation_direction", "got an array"]),
+    ("/v1/embeddings", b'{"input": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400, ["input[0]"]),
 ]
 
 
@@ -227,17 +240,14 @@ def one_running_one_queued(url: str, gated: GatedEncoder) -> Iterator[None]:
 
     first = threading.Thread(target=post, args=("first", "held at the engine"))
     first.start()
-    assert gated.entered.wait(10)
+    assert gated.entered.wait(120)
     second = threading.Thread(target=post, args=("second", "waits in the queue"))
     second.start()
-    for _ in range(500):
-        if metric(url, "instructor_queue_items") == 1:
-            break
-        threading.Event().wait(0.01)
+    wait_until(lambda: metric(url, "instructor_queue_items") == 1, "the second request in the queue")
     yield
     gated.gate.set()
-    first.join(30)
-    second.join(30)
+    first.join(120)
+    second.join(120)
     assert results["first"].status_code == 200 and results["second"].status_code == 200
     assert httpx.get(f"{url}/health").status_code == 200
 
@@ -266,20 +276,14 @@ def test_a_request_waiting_for_room_is_let_in_when_the_queue_drains(tiny_engine,
     waiter = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/v1/embeddings", json={"input": ["waits"]}, timeout=60)))
     with live_server(app) as url:
         with one_running_one_queued(url, gated):
-            with pytest.raises(httpx.ReadTimeout):
+            with pytest.raises(httpx.TimeoutException):  # the queue stays full while the gate is shut: it waits
                 httpx.post(f"{url}/v1/embeddings", json={"input": ["leaves"]}, timeout=0.5)
-            for _ in range(500):
-                if metric(url, "instructor_requests_total", endpoint="/v1/embeddings", status="499") == 1:
-                    break
-                time.sleep(0.01)
+            wait_until(lambda: metric(url, "instructor_requests_total", endpoint="/v1/embeddings", status="499") == 1,
+                       "the request whose client left counted as 499")
             assert metric(url, "instructor_requests_waiting") == 0
             waiter.start()
-            for _ in range(500):
-                if metric(url, "instructor_requests_waiting") == 1:
-                    break
-                time.sleep(0.01)
-            assert metric(url, "instructor_requests_waiting") == 1
-        waiter.join(60)
+            wait_until(lambda: metric(url, "instructor_requests_waiting") == 1, "the next request waiting for room")
+        waiter.join(120)
         assert answer["r"].status_code == 200
         got = np.array(answer["r"].json()["data"][0]["embedding"], np.float32)
         np.testing.assert_allclose(got, encoder.encode(["waits"])[0], atol=1e-6)
@@ -341,7 +345,9 @@ def test_instructions_file_errors(tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(NAMED))
     assert load_instructions(good) == NAMED
-    for text, words in [("[1]", "object"), ('{"q": 3}', "'q' must be a string"), ("{", "not valid JSON")]:
+    for text, words in [("[1]", "object"), ('{"q": 3}', "'q' must be a string"), ("{", "not valid JSON"),
+                        ('{"q": "Represent \\ud800: "}', "'q': its text is invalid unicode"),
+                        ('{"\\udc00": "I: "}', "'\\\\udc00': its name is invalid unicode")]:
         bad = tmp_path / "bad.json"
         bad.write_text(text)
         with pytest.raises(ValueError, match=words):

@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "with --server-args and then ARGS (e.g. replicas2='--replicas 2 --threads 1'). Repeatable")
     p.add_argument("--no-naive", action="store_true", help="leave the naive FastAPI + PyTorch server out")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as a transport error. Default: 60")
-    p.add_argument("--port", type=int, default=18080, help="port of the servers on 127.0.0.1. Default: 18080")
+    p.add_argument("--port", type=int, default=18080,
+                   help="port of the servers on 127.0.0.1; 0: each takes a free one, read from /proc (Linux). Default: 18080")
     p.add_argument("--out", type=Path, default=Path("results/serve.json"), help="JSON results; the PNG goes beside it. Default: results/serve.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus sample. Default: 0")
     args = p.parse_args(argv)
@@ -85,11 +86,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- servers as subprocesses -----------------------------------------------------------------------------------------
 
 
+def listening_ports(pid: int) -> set[int] | None:
+    """The TCP ports process ``pid`` listens on, from /proc (None where there is no /proc to read)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return None if not os.path.isdir("/proc/self/fd") else set()
+    inodes = set()
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN, one of the process's own sockets
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 class LocalServer:
-    """A server command run as a subprocess on 127.0.0.1; ``GET /health`` says when it is ready."""
+    """A server command run as a subprocess on 127.0.0.1; ``GET /health`` says when it is ready. It is ready only
+    when the port is the process's own (on Linux): a health answer from another process that took the port first
+    never counts. Port 0: the command was given ``--port 0`` and the port it took is read from /proc."""
 
     def __init__(self, cmd: list[str], port: int, log: Path | None = None, src: Path | None = None) -> None:
         """``src``: run the command from that checkout (its folder first on the import path)."""
+        self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         out = open(log, "w", encoding="utf-8") if log else subprocess.DEVNULL  # noqa: SIM115 (closed in stop)
@@ -107,11 +138,18 @@ class LocalServer:
             if self.proc.poll() is not None:
                 where = f" (log: {self.log})" if self.log else ""
                 raise RuntimeError(f"{self.proc.args[:4]} exited with {self.proc.returncode} before it was healthy{where}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            ports = listening_ports(self.proc.pid)
+            if self.port == 0 and ports:
+                self.port = min(ports)
+                self.url = f"http://127.0.0.1:{self.port}"
+            if self.port and (ports is None or self.port in ports):
+                try:
+                    if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+            elif ports is None:
+                raise RuntimeError("--port 0 needs /proc to find the port the server took; give a port")
             time.sleep(0.1)
         raise RuntimeError(f"{self.proc.args[:4]} not healthy after {timeout:.0f} s")
 

@@ -99,7 +99,9 @@ class Batcher:
         max_wait_ms: float = 5.0,
         max_queue_tokens: int = 262144,
         on_room: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: the seconds that ``max_wait_ms`` is counted in (tests pass one they advance themselves)."""
         self.encoders = list(encoders)
         if not self.encoders:
             raise ValueError("a batcher needs at least one encoder")
@@ -114,6 +116,7 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_tokens = max_queue_tokens
         self._on_room = on_room  # called (from an engine thread) whenever queued tokens leave: requests waiting for room
+        self._clock = clock
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
         self._queued_rows = 0
@@ -161,7 +164,7 @@ class Batcher:
         refused here for the estimate's error."""
         lengths = encoded.lengths
         tokens = int(lengths.sum())
-        job = Job(encoded, lengths, np.empty((len(lengths), self.embedding_dim), np.float32), Future(), time.monotonic())
+        job = Job(encoded, lengths, np.empty((len(lengths), self.embedding_dim), np.float32), Future(), self._clock())
         job.future.set_running_or_notify_cancel()  # from now on it cannot be cancelled, so setting its result never races
         with self._cond:
             self._count_out(arrival)
@@ -228,7 +231,7 @@ class Batcher:
                     return None
                 deadline = self._pending[0].enqueued + self.max_wait
                 while not self._stopping and not self._full() and self._more_coming():
-                    left = deadline - time.monotonic()
+                    left = deadline - self._clock()
                     if left <= 0:
                         break
                     self._cond.wait(left)
@@ -268,7 +271,7 @@ class Batcher:
                     rows += 1
                     tokens += length
         pool = _Pool(rows=rows, tokens=tokens)
-        now = time.monotonic()
+        now = self._clock()
         for job, (start, stop) in spans.items():
             if stop == start:
                 continue

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from runtime.chunking import DEFAULT_OVERLAP, check_options
 from runtime.encoder import DEFAULT_MAX_PADDING
+from runtime.tokenization import has_lone_surrogate
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class ServeConfig:
     head_timeout: float = 10.0  # seconds for a request's line and headers to arrive
     body_timeout: float = 30.0  # seconds for a request's body to arrive once its headers have
     max_connections: int = 16384  # open connections; past it new ones are closed at once
+    max_head_bytes: int = 32768  # a request's line and headers; past it 431 (nginx: 4 x 8 KiB)
+    max_headers: int = 100  # header fields in a request; past it 431 (hyper, Apache, gunicorn)
     long_text: str = "truncate"  # or "chunk": see runtime.chunking
     chunk_overlap: int = DEFAULT_OVERLAP
     chunk_pooling: str = "mean"
@@ -41,7 +44,8 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_batch_tokens", "max_batch_size", "max_queue_tokens", "max_concurrent_requests",
-                    "max_request_items", "payload_limit", "tokenization_workers", "max_connections")
+                    "max_request_items", "payload_limit", "tokenization_workers", "max_connections", "max_head_bytes",
+                    "max_headers")
         for name in positive:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
@@ -81,6 +85,8 @@ class ServeConfig:
             "head_timeout": self.head_timeout,
             "body_timeout": self.body_timeout,
             "max_connections": self.max_connections,
+            "max_head_bytes": self.max_head_bytes,
+            "max_headers": self.max_headers,
         }
 
 
@@ -96,6 +102,10 @@ def load_instructions(path: str | Path) -> dict[str, str]:
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a non-empty JSON object of name -> instruction string")
     for name, value in data.items():
+        shown = ascii(name) if has_lone_surrogate(name) else repr(name)
         if not isinstance(value, str):
-            raise ValueError(f"{path}: instruction {name!r} must be a string, got {type(value).__name__}")
+            raise ValueError(f"{path}: instruction {shown} must be a string, got {type(value).__name__}")
+        if has_lone_surrogate(name) or has_lone_surrogate(value):  # "\ud800" in JSON: no tokenizer takes it
+            where = "its name" if has_lone_surrogate(name) else "its text"
+            raise ValueError(f"{path}: instruction {shown}: {where} is invalid unicode (a lone surrogate, e.g. \\ud800)")
     return dict(data)

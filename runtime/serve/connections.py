@@ -1,4 +1,5 @@
-"""The limits on HTTP connections that uvicorn lacks: a deadline for every request head, and a cap on open connections.
+"""The limits on HTTP connections that uvicorn lacks: a deadline and a size limit for every request head, and a cap on
+open connections.
 
 uvicorn closes a connection only after ``timeout_keep_alive`` idle seconds *between* requests. A client that opens
 a connection and sends nothing, or sends a request head a byte at a time (slowloris), would hold it for ever, and
@@ -7,6 +8,13 @@ be complete within ``head_timeout`` seconds of the connection opening or of the 
 server answers 408 (if anything was sent) and closes the connection. Past ``max_connections`` open connections a
 new one is closed at once, so the clients already connected keep being served. Bodies have their own deadline in
 the application (``--body-timeout``).
+
+Heads are also held to ``max_head_bytes`` (request line and headers) and ``max_headers`` fields: past either, 431 and
+the connection is closed. httptools has no limit of its own and joins a header's pieces as they come, so without one
+a single 90 MiB header, sent within the head deadline, grew the server by 180 MiB and held the event loop (another
+client's 3 ms request waited 9 s). The bytes of a head still open are counted as they arrive, so at most one read
+(256 KiB) past the limit is ever buffered; a head that completes within one read is measured from its parsed line and
+fields (as hyper does, whose own check saw only incomplete heads).
 """
 
 from __future__ import annotations
@@ -22,13 +30,19 @@ from runtime.serve.errors import error_body
 log = logging.getLogger("uvicorn.error")
 
 
-def guarded_protocol(head_timeout: float, max_connections: int, on_refused: Callable[[str], None]) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with the head deadline and the connection cap; ``on_refused(reason)`` counts
-    each connection closed by them (``reason``: ``head_timeout`` or ``max_connections``)."""
+def guarded_protocol(head_timeout: float, max_connections: int, on_refused: Callable[[str], None],
+                     max_head_bytes: int = 32768, max_headers: int = 100) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with the head deadline, the head limits and the connection cap; ``on_refused(reason)``
+    counts each connection closed by them (``reason``: ``head_timeout``, ``head_too_large`` or ``max_connections``)."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
         _head_bytes = False  # some bytes of the current request head have arrived
+        _head_open = True  # the bytes arriving belong to a request head
+        _head_seen = 0  # bytes that arrived while the head was open
+        _head_size = 0  # bytes of the parsed request line and header fields
+        _header_count = 0
+        _refused = False  # answered 431: nothing more is read
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -38,15 +52,65 @@ def guarded_protocol(head_timeout: float, max_connections: int, on_refused: Call
                 return
             self._arm()
 
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            if self._head_open:
+                self._head_seen += len(data)
+            super().data_received(data)
+            if self._head_open and not self._refused and self._head_seen > max_head_bytes:
+                self._refuse(f"the request head passed {max_head_bytes} bytes before it ended (--max-head-bytes)")
+
         def on_message_begin(self) -> None:
+            if self._refused:
+                return
             super().on_message_begin()
             self._head_bytes = True
+            self._head_size = self._header_count = 0
             if self._head_timer is None:
                 self._arm()
 
+        def on_url(self, url: bytes) -> None:
+            if not self._refused:
+                self._head_size += len(url) + 16  # and the method, the version and the line's spaces and CRLF
+                super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if not self._refused:
+                self._head_size += len(name) + len(value) + 4
+                self._header_count += 1
+                super().on_header(name, value)
+
         def on_headers_complete(self) -> None:
+            if self._refused:
+                return
             self._disarm()
-            super().on_headers_complete()
+            self._head_open = False
+            if self._header_count > max_headers:
+                self._refuse(f"the request has {self._header_count} header fields, over the limit of {max_headers} (--max-headers)")
+            elif self._head_size > max_head_bytes:
+                self._refuse(f"the request head is {self._head_size} bytes, over the limit of {max_head_bytes} (--max-head-bytes)")
+            else:
+                super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._refused:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._refused:
+                self._head_open, self._head_seen = True, 0  # what comes next is the next request's head
+                super().on_message_complete()
+
+        def _refuse(self, message: str) -> None:
+            """431 with a JSON error, then close: the rest of this head is never read."""
+            self._refused = True
+            self._disarm()
+            on_refused("head_too_large")
+            body = error_body(431, message, "request_header_fields_too_large")
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()

@@ -31,18 +31,49 @@ class EmbedRequest:
 
 
 def parse_json(body: bytes) -> Any:
-    """The JSON document; strings with lone surrogates (``"\\ud800"``) are kept so that the item check can name them."""
+    """The JSON document, under orjson's rules: numbers within a double (a 5000-digit integer is refused, not a
+    500), nesting up to 1024 levels, no NaN. A string with a lone surrogate (``"\\ud800"``), which orjson refuses,
+    is kept by the standard parser under the same rules, so that the item check can name its item."""
     try:
         return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass  # orjson refuses lone surrogates; the standard parser keeps them, and also reports line and column
+    except orjson.JSONDecodeError as exc:
+        if "surrogate in string" not in exc.msg:
+            why = "nested too deeply (over 1024 levels)" if "depth" in exc.msg else exc.msg
+            raise ApiError(400, f"malformed JSON body: {why} (line {exc.lineno}, column {exc.colno})", "invalid_json") from exc
     try:
-        return json.loads(body)
+        return json.loads(body, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise ApiError(400, f"malformed JSON body: {getattr(exc, 'msg', exc)}{where}", "invalid_json") from exc
     except RecursionError as exc:
         raise ApiError(400, "malformed JSON body: nested too deeply", "invalid_json") from exc
+
+
+def _json_int(digits: str) -> int | float:
+    """An integer as orjson reads it: exact within 64 bits, else a double (never Python's 4,300-digit error)."""
+    return int(digits) if len(digits) <= 20 and -(2**63) <= int(digits) < 2**64 else _json_float(digits)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ApiError(400, f"malformed JSON body: number {_short(text)} is out of range (infinite as a double)", "invalid_json")
+    return value
+
+
+def _json_constant(name: str) -> float:
+    raise ApiError(400, f"malformed JSON body: {name} is not a JSON value", "invalid_json")
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """``text`` cut to ``limit`` characters, with the length it had, for a message."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _shown(value: Any) -> str:
+    """A field's value for an error message: a string quoted and cut short, anything else by its kind (its repr
+    could be megabytes, or too deeply nested to print)."""
+    return repr(_short(value)) if isinstance(value, str) else _kind(value)
 
 
 def parse_openai(data: Any, instructions: dict[str, str], dim: int, max_items: int) -> EmbedRequest:
@@ -53,8 +84,8 @@ def parse_openai(data: Any, instructions: dict[str, str], dim: int, max_items: i
     if model is not None and not isinstance(model, str):
         raise ApiError(400, f"model must be a string, got {_kind(model)}", "invalid_type", "model")
     fmt = body.get("encoding_format") or "float"
-    if fmt not in ENCODING_FORMATS:
-        raise ApiError(400, f"encoding_format must be 'float' or 'base64', got {fmt!r}", "invalid_value", "encoding_format")
+    if not isinstance(fmt, str) or fmt not in ENCODING_FORMATS:
+        raise ApiError(400, f"encoding_format must be 'float' or 'base64', got {_shown(fmt)}", "invalid_value", "encoding_format")
     _check_dimensions(body.get("dimensions"), dim)
     instruction = _instruction(body, "instruction", "instruction_name", instructions)
     items = _items(body, "input", instruction, max_items)
@@ -69,7 +100,7 @@ def parse_tei(data: Any, instructions: dict[str, str], dim: int, max_items: int)
     truncate = _flag(body, "truncate", True)
     direction = body.get("truncation_direction", "right")
     if not isinstance(direction, str) or direction.lower() != "right":
-        raise ApiError(400, f"truncation_direction must be 'right' (as the reference truncates), got {direction!r}", "invalid_value", "truncation_direction")
+        raise ApiError(400, f"truncation_direction must be 'right' (as the reference truncates), got {_shown(direction)}", "invalid_value", "truncation_direction")
     _check_dimensions(body.get("dimensions"), dim)
     instruction = _instruction(body, None, "prompt_name", instructions)
     items = _items(body, "inputs", instruction, max_items)
@@ -78,8 +109,8 @@ def parse_tei(data: Any, instructions: dict[str, str], dim: int, max_items: int)
 
 def _embedding_type(body: dict[str, Any]) -> str:
     value = body.get("embedding_type") or "float"
-    if value not in EMBEDDING_TYPES:
-        raise ApiError(400, f"embedding_type must be one of {', '.join(EMBEDDING_TYPES)}, got {value!r}", "invalid_value", "embedding_type")
+    if not isinstance(value, str) or value not in EMBEDDING_TYPES:
+        raise ApiError(400, f"embedding_type must be one of {', '.join(EMBEDDING_TYPES)}, got {_shown(value)}", "invalid_value", "embedding_type")
     return value
 
 
@@ -133,7 +164,7 @@ def _instruction(body: dict[str, Any], given: str | None, named: str, instructio
         raise ApiError(400, f"{named} must be a string, got {_kind(name)}", "invalid_type", named)
     if name not in instructions:
         known = ", ".join(sorted(instructions)) if instructions else "none (start the server with --instructions FILE.json)"
-        raise ApiError(400, f"unknown {named} {name!r}; known names: {known}", "unknown_instruction", named)
+        raise ApiError(400, f"unknown {named} {_shown(name)}; known names: {known}", "unknown_instruction", named)
     return instructions[name]
 
 
