@@ -63,7 +63,7 @@ def build(checkpoint: Path, engine: Path, precision: str, device: str) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.speed.gpu_build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.speed.gpu_build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="checkpoint folder (e.g. python -m bench.shapes large DIR)")
     p.add_argument("engine", type=Path, help="engine path: NAME.pt2, NAME.onnx or NAME.plan")
     p.add_argument("--out", type=Path, required=True, help="JSON file of the result")

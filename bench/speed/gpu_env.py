@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import environment, write_json
     from bench.speed.gpu_measure import card_for
 
-    p = argparse.ArgumentParser(prog="python -m bench.speed.gpu_env", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.speed.gpu_env", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     p.add_argument("--dry-run", action="store_true", help="record that this is the CPU dry run")
     args = p.parse_args(argv)

@@ -62,7 +62,7 @@ def naive_fp16(ckpt: Path, device: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.speed.gpu_parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.speed.gpu_parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="JSON file of results (rewritten after every engine)")
     p.add_argument("--workdir", type=Path, required=True, help="folder for the overflow checkpoint and the engines")
     p.add_argument("--device", default="cuda", help="device the engines are built for and run on. Default: cuda")

@@ -112,7 +112,7 @@ def mix_items(tokenizer: Any, instruction: str, n: int, seed: int = 0, hist: dic
 def main(argv: list[str] | None = None) -> int:
     from bench.shapes import T5_TOKENIZER
 
-    p = argparse.ArgumentParser(prog="python -m bench.speed.length_mix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.speed.length_mix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_dir", type=Path, help="data folder (DATA_DIR) with scifact/ and billboard/cnndm/")
     p.add_argument("--out", type=Path, default=HISTOGRAM, help="histogram JSON to write. Default: the one shipped")
     args = p.parse_args(argv)

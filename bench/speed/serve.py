@@ -46,7 +46,7 @@ SERVER_START_TIMEOUT = 300.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.speed.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.speed.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", type=Path, required=True, help="engine bundle to serve (e.g. an fp32 .onnx from python -m export)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder for the naive server. Default: the engine manifest's source checkpoint")
     p.add_argument("--data", nargs="*", default=[], help="DATA_DIR (SciFact + STS layout) or .jsonl/.txt files; none: built-in corpus")
