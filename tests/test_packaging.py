@@ -31,7 +31,8 @@ def test_the_wheel_holds_package_data_and_console_scripts(wheel):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert {"export/data/calibration.json", "runtime/data/sample_corpus.jsonl", "bench/quality/mteb_instructions.json"} <= names
+    assert {"export/data/calibration.json", "runtime/data/sample_corpus.jsonl", "bench/quality/mteb_instructions.json",
+            "bench/speed/length_mix.json"} <= names
     for script in ("instructor-encode = runtime.encode:main", "instructor-export = export.__main__:main",
                    "instructor-train = trainer.__main__:main"):
         assert script in entry_points
