@@ -38,7 +38,7 @@ REFERENCE_VECTORS = "reference-fp32.npy"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.speed.gpu_steps", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.speed.gpu_steps", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="JSON file of the results")
     p.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint (tokenizer, FLOP count, eager baselines)")
     p.add_argument("--baselines", nargs="*", default=[], choices=BASELINES, help="eager baselines to measure, in this order")
