@@ -27,7 +27,7 @@ def cpu_now() -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.speed.gpu_compile_probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.speed.gpu_compile_probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, required=True, help="folder for the checkpoint, the package and the JSON")
     p.add_argument("--shape", default="large", choices=("tiny", "base", "large"), help="model shape. Default: large")
     p.add_argument("--precision", default="bf16", choices=("fp32", "fp16", "bf16"), help="engine precision. Default: bf16")
