@@ -53,7 +53,7 @@ PRECISIONS = ("fp32", "int8")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.speed.throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.speed.throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["base", "minilm"], choices=MODELS, help="model shapes (seeded random T5) and/or the real MiniLM. Default: base minilm")
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), help="runtime engine precisions: PRECISION for the .onnx engine, PRECISION.pt2 for the .pt2 one (e.g. fp32.pt2), "
                    "PRECISION-unfused for the .onnx engine exported with --no-fuse-attention (T5: the A/B of the attention fusion). Default: fp32 int8")
