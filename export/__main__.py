@@ -6,25 +6,30 @@ import argparse
 import sys
 from pathlib import Path
 
-from export.build import PRECISIONS, ExportError, ExportOptions, export_bundle
+from export.build import BundleExists, ExportError, ExportOptions, export_bundle
 from export.parity import GATES, GateError
+from export.progress import Progress
 from export.tensorrt import DEFAULT_TIMING_CACHE
-from runtime.deps import MissingDependency
 from runtime.bundle import EngineError
+from runtime.deps import MissingDependency
+from runtime.exit_codes import ENVIRONMENT, EPILOG, INPUT, USAGE, run_cli
+from runtime.locks import LockHeld
+from runtime.manifest_schema import PRECISIONS
 from trainer.checkpoint import CheckpointError
 
 DESCRIPTION = """\
 Export an INSTRUCTOR (or BERT-family sentence-transformers) checkpoint to an engine bundle.
 
-The engine kind follows the extension of --out: .onnx (ONNX Runtime), .plan (TensorRT) or .pt2
-(torch.export + AOTInductor: compiled for the --device it is exported on, runs with that torch version only).
-Beside PATH the bundle holds PATH.manifest.json (what the engine is, and the parity measured here)
-and PATH.tokenizer.json; a .plan also keeps PATH.onnx, the graph it was built from.
+The engine kind follows the extension of --out: .onnx (ONNX Runtime), .plan (TensorRT: built and verified on
+an NVIDIA GPU with TensorRT) or .pt2 (torch.export + AOTInductor: compiled for the --device it is exported on,
+runs with that torch version only). Beside PATH the bundle holds PATH.manifest.json (what the engine is, and
+the parity measured here; sealed, so that an edit is refused at load) and PATH.tokenizer.json; a .plan also
+keeps PATH.onnx, the graph it was built from. An existing bundle is replaced only with --overwrite.
 Every export is checked against the PyTorch model on a calibration set (golden probes, real sentences,
-and rows of max_seq_length tokens) before it is kept: below the gate the command exits 1 and leaves no
-engine behind. Exit 2: bad checkpoint, unwritable output, or a missing optional dependency.
+and rows of max_seq_length tokens) before it is kept: below the gate the command exits 1 (the checkpoint
+does not survive this precision) and leaves no engine behind. Each step prints a line with its time on stderr.
 
-precisions:
+precisions (--precision):
   fp32  .onnx graph-optimized for ONNX Runtime (kept only if it still passes the fp32 gate); .plan, .pt2 in fp32
   int8  .onnx for the CPU: ONNX Runtime quantizer recipes (dynamic, int8 attention, static QDQ calibrated on the
         calibration set) measured in turn; the fastest that passes the gate is kept (manifest: graph.measured)
@@ -33,12 +38,27 @@ precisions:
   bf16  as fp16 with bfloat16 (a .onnx needs onnxruntime-gpu to be verified; a .pt2 also builds for the CPU)
 """
 
+EXPORT_EPILOG = (
+    f"{EPILOG}. For this command: 1 also when the engine misses the parity gate (the checkpoint's vectors do not "
+    "survive the precision) or the checkpoint's files are unreadable; 2 an existing bundle without --overwrite, "
+    "--out a folder, bad options; 3 no GPU or TensorRT for a .plan, a missing package, another export writing the "
+    "same --out."
+)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m export", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description=DESCRIPTION,
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     p.add_argument("checkpoint", help="sentence-transformers folder (hkunlp INSTRUCTOR layout, or e.g. all-MiniLM-L6-v2)")
-    p.add_argument("--out", required=True, help="engine path: NAME.onnx, NAME.plan or NAME.pt2")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="see below. Default: fp32")
+    p.add_argument("--out", required=True, help="engine path: NAME.onnx, NAME.plan or NAME.pt2 (a file, not a folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace the bundle already at --out (refused otherwise)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="engine precision; what each means: 'precisions' in the description above. Default: fp32")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17). Default: 17")
     p.add_argument(
         "--min-cos",
@@ -77,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=".pt2: the device the engine is compiled for and will run on: cpu, cuda or cuda:N "
         "(auto: cuda when torch sees a GPU, else cpu). Default: auto",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr (errors are still printed)")
+    p.add_argument("--debug", action="store_true", help="on an internal error, print the traceback to stderr")
     trt = p.add_argument_group(".plan (TensorRT) options")
     trt.add_argument("--max-batch", type=int, default=32, help="largest batch the engine accepts. Default: 32")
     trt.add_argument("--opt-batch", type=int, help="batch size TensorRT tunes for. Default: max-batch / 2")
@@ -90,11 +112,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+# Most specific first: CheckpointError is a ValueError, BundleExists an ExportError.
+KNOWN = {
+    GateError: INPUT,
+    CheckpointError: INPUT,
+    LockHeld: ENVIRONMENT,
+    MissingDependency: ENVIRONMENT,
+    BundleExists: USAGE,
+    ExportError: USAGE,
+    EngineError: USAGE,
+    ValueError: USAGE,
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    """The export itself; every failure is an exception that ``run_cli`` turns into its exit code."""
     if args.opset < 17:
-        print("error: --opset must be >= 17", file=sys.stderr)
-        return 2
+        raise ExportError("--opset must be >= 17")
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        what = "not found" if not checkpoint.exists() else "not a folder"
+        raise ExportError(f"{checkpoint}: {what}; the checkpoint is a sentence-transformers folder")
     gate = {}
     if args.min_cos is not None:
         gate["min_cos"] = args.min_cos
@@ -114,19 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         timing_cache=args.timing_cache,
         reference_device=args.reference_device,
         device=args.device,
+        overwrite=args.overwrite,
+        progress=Progress(enabled=not args.quiet),
     )
-    try:
-        manifest = export_bundle(args.checkpoint, args.out, opts)
-    except GateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (CheckpointError, EngineError, ExportError, MissingDependency, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # disk full, read-only file system, permissions: no engine was written
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}; no engine was written", file=sys.stderr)
-        return 2
+    manifest = export_bundle(checkpoint, args.out, opts)
     par = manifest["parity"]
     print(
         f"wrote {args.out} ({manifest['engine']['bytes'] / 2**20:.1f} MiB, {manifest['precision']}, dim {manifest['embedding_dim']}); "
@@ -134,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         f"mean cos {par['mean_cosine']:.6f}, max abs {par['max_abs_diff']:.2e}"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(lambda: run(args), prog="python -m export", known=KNOWN, debug=args.debug,
+                   os_hint="no engine was written", on_interrupt="interrupted; no engine was written")
 
 
 if __name__ == "__main__":

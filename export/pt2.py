@@ -82,11 +82,13 @@ def export_program(model: InstructorModel, device: str, precision: str) -> tuple
         return torch.export.export(module, example, dynamic_shapes=dims, strict=False), info
 
 
-def compile_package(program: torch.export.ExportedProgram, path: Path) -> Path:
-    """AOTInductor-compile ``program`` into the package file ``path``."""
+def compile_package(program: torch.export.ExportedProgram, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """AOTInductor-compile ``program`` into the package file ``path``; ``metadata`` is stored in the package
+    (the engine record of ``export.manifest``, read back by ``runtime.backends.pt2``)."""
+    configs = {"aot_inductor.metadata": dict(metadata)} if metadata else None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations inside the compiler, not ours to fix
-        return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+        return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs))
 
 
 def pt2_backend(path: Path, fields: dict[str, Any], device: str) -> tuple[Pt2Backend, str]:
@@ -96,7 +98,8 @@ def pt2_backend(path: Path, fields: dict[str, Any], device: str) -> tuple[Pt2Bac
 
 
 def make_pt2_engine(
-    model: InstructorModel, workdir: Path, out: Path, precision: str, device: str, verifier: Any
+    model: InstructorModel, workdir: Path, out: Path, precision: str, device: str, verifier: Any,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[Path, ParityReport, dict[str, Any]]:
     """Export, compile and verify the ``.pt2``; return (path, parity report, extra manifest fields)."""
     if precision == "int8":
@@ -109,7 +112,7 @@ def make_pt2_engine(
     finally:
         model.to("cpu")
     t1 = time.perf_counter()
-    engine = compile_package(program, workdir / out.name)
+    engine = compile_package(program, workdir / out.name, metadata)
     t2 = time.perf_counter()
     fields = {
         "format": "aoti",

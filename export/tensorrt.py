@@ -18,13 +18,20 @@ from runtime.deps import MissingDependency, install_hint, require
 __all__ = ["DEFAULT_TIMING_CACHE", "Profile", "build_plan", "plan_backend", "require_tensorrt"]
 
 
+PLAN_NEEDS = "a .plan is a TensorRT engine, built and verified on an NVIDIA GPU with TensorRT"
+ON_THE_CPU = "export on the GPU machine, or export NAME.onnx to run on the CPU"
+
+
 def require_tensorrt() -> Any:
     """TensorRT and a usable CUDA GPU, or ``MissingDependency`` saying what is missing (before the slow part)."""
-    trt = require("tensorrt", "gpu", ".plan engines")
+    try:
+        trt = require("tensorrt", "gpu", ".plan engines")
+    except MissingDependency as exc:
+        raise MissingDependency(f"{PLAN_NEEDS}; this Python has no tensorrt ({install_hint('gpu')}): {ON_THE_CPU}") from exc
     try:
         current_device()
-    except RuntimeError as exc:
-        raise MissingDependency(f".plan engines need a usable CUDA GPU ({exc}; {install_hint('gpu')})") from exc
+    except (RuntimeError, MissingDependency) as exc:
+        raise MissingDependency(f"{PLAN_NEEDS}; no usable CUDA GPU here ({exc}): {ON_THE_CPU}") from exc
     return trt
 
 

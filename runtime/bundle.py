@@ -3,14 +3,17 @@
 For an engine ``PATH`` (``large.onnx``, ``large.plan`` or ``large.pt2``) the bundle is:
 
 - ``PATH``: the engine itself (an ONNX model, a serialized TensorRT engine, or an AOTInductor package);
-- ``PATH.manifest.json``: what it is (see ``Manifest``), written last by the exporter;
+- ``PATH.manifest.json``: what it is (schema: ``runtime.manifest_schema``), written last by the exporter;
 - ``PATH.tokenizer.json``: the checkpoint's ``tokenizer.json``, whose sha256 the manifest records;
 - for ``.plan`` also ``PATH.onnx``: the ONNX graph it was built from (to rebuild on another GPU).
 
-The runtime reads the manifest and refuses a bundle that is incomplete, corrupt or made for something else
-with ``EngineError`` (exit code 2 from the CLI): missing sidecars, a manifest field of the wrong type, a tokenizer
-whose ids pass the model's vocabulary, a ``max_seq_length`` past the position table, and an engine file whose
-sha256 is not the manifest's (hashed once per file version, see ``verify_engine_file``).
+The runtime reads the manifest and refuses a bundle that is incomplete, corrupt, edited or made for something else
+with ``EngineError`` (exit code 2 from the CLIs), naming the file and the field: missing sidecars, a manifest field
+of the wrong type or range or at odds with another, a field changed after export (the manifest's seal), a tokenizer
+whose ids pass the model's vocabulary, an engine file whose sha256 is not the manifest's (hashed once per file
+version, see ``verify_engine_file``), and, when the backend opens the engine, a manifest that disagrees with what
+the engine says of itself (``Manifest.check_engine``). ``verify_engine=False`` (``--no-verify-engine``) skips the
+integrity checks (engine hash, seal, the engine's record of the export settings), never the validation.
 """
 
 from __future__ import annotations
@@ -20,15 +23,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+from runtime import manifest_schema as schema
 from runtime.atomic import atomic_write_text
-from runtime.tokenization import INSTRUCTION_RULES_VERSION, InstructionTokenizer
+from runtime.manifest_schema import ENGINE_KINDS, INPUT_NAMES, MANIFEST_FORMAT, OUTPUT_NAME, ManifestFieldError
+from runtime.tokenization import InstructionTokenizer
 
-MANIFEST_FORMAT = "instructor-engine/1"
-INPUT_NAMES = ("input_ids", "attention_mask", "instruction_count")
-OUTPUT_NAME = "sentence_embedding"
-ENGINE_KINDS = {".onnx": "onnx", ".plan": "tensorrt", ".pt2": "pt2"}
+__all__ = ["ENGINE_KINDS", "INPUT_NAMES", "MANIFEST_FORMAT", "OUTPUT_NAME", "EngineError", "Manifest", "load_manifest"]
+UNVERIFIED = "load it unverified with --no-verify-engine (Encoder(..., verify_engine=False))"
+CHECKPOINT_FILES = ("modules.json", "config_sentence_transformers.json", "config.json")
 
 
 class EngineError(RuntimeError):
@@ -50,8 +54,39 @@ def source_onnx_path(engine: str | Path) -> Path:
 def engine_kind(engine: str | Path) -> str:
     suffix = Path(engine).suffix.lower()
     if suffix not in ENGINE_KINDS:
-        raise EngineError(f"{engine}: unknown engine kind {suffix!r} (expected {', '.join(ENGINE_KINDS)})")
+        what = f"unknown engine kind {suffix!r}" if suffix else "no engine extension"
+        raise EngineError(f"{engine}: {what} (an engine file ends in {', '.join(ENGINE_KINDS)})")
     return ENGINE_KINDS[suffix]
+
+
+def bundle_files(engine: str | Path) -> list[Path]:
+    """The files of ``engine``'s bundle that travel together (``PATH.onnx`` too for a ``.plan``)."""
+    files = [Path(engine), manifest_path(engine), tokenizer_path(engine)]
+    if Path(engine).suffix.lower() == ".plan":
+        files.append(source_onnx_path(engine))
+    return files
+
+
+def _bundle_hint(engine: Path) -> str:
+    names = ", ".join(p.name for p in bundle_files(engine))
+    return (f"an engine is a bundle of files that must stay together in one folder: {names} (copy all of them, "
+            "or export again with python -m export)")
+
+
+def _check_engine_path(engine: Path) -> None:
+    """A path that is not an engine file gets a message that says what it is and what to pass instead."""
+    if engine.is_dir():
+        if any((engine / name).is_file() for name in CHECKPOINT_FILES):
+            raise EngineError(
+                f"{engine}: this is a checkpoint folder, not an engine: export it first "
+                f"(python -m export {engine} --out NAME.onnx) and pass NAME.onnx"
+            )
+        inside = sorted(p.name for p in engine.iterdir() if p.suffix.lower() in ENGINE_KINDS and manifest_path(p).is_file())
+        hint = f"; it holds {', '.join(inside[:5])}: pass one of them" if inside else ""
+        raise EngineError(f"{engine}: a folder, not an engine file (NAME{', NAME'.join(ENGINE_KINDS)}){hint}")
+    engine_kind(engine)
+    if not engine.is_file():
+        raise EngineError(f"{engine}: engine file not found")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -107,10 +142,15 @@ def verify_engine_file(engine: Path, expected_sha256: str | None) -> bool:
 
 @dataclass
 class Manifest:
-    """The parsed ``PATH.manifest.json`` of a bundle, with the fields the runtime relies on."""
+    """The parsed ``PATH.manifest.json`` of a bundle, with the fields the runtime relies on.
+
+    ``verified``: loaded with the integrity checks (the default), so ``check_engine`` also compares the export's
+    settings recorded inside the engine.
+    """
 
     engine: Path
     data: dict[str, Any]
+    verified: bool = False
     _tokenizer: InstructionTokenizer | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -144,89 +184,104 @@ class Manifest:
             self._tokenizer = InstructionTokenizer(tokenizer_path(self.engine), self.max_seq_length, self.do_lower_case)
         return self._tokenizer
 
+    def check_engine(
+        self,
+        inputs: Iterable[str],
+        output: str,
+        output_dim: Any = None,
+        record: str | None = None,
+        carries_record: bool = False,
+    ) -> None:
+        """What an opened engine says of itself against the manifest; ``EngineError`` naming the field that differs.
 
-REQUIRED_FIELDS = ("format", "engine", "precision", "embedding_dim", "max_seq_length", "instruction_rules", "tokenizer")
+        ``inputs``/``output``: the engine's tensor names; ``output_dim``: its output width when the engine states
+        it (an int); ``record``: the metadata text the exporter wrote into engines that have room for it
+        (``carries_record``: ONNX, ``.pt2``). Facts about the graph are compared always, the export's settings when
+        the bundle was loaded verified. Fields a partial manifest (the exporter's own check) lacks are skipped.
+        """
+        names = sorted(inputs)
+        if names != sorted(INPUT_NAMES) or output != OUTPUT_NAME:
+            raise EngineError(
+                f"{self.engine}: engine inputs {names} / output {output!r}, expected {list(INPUT_NAMES)} / {OUTPUT_NAME!r}"
+            )
+        dim = self.data.get("embedding_dim")
+        if isinstance(output_dim, int) and dim is not None and output_dim != dim:
+            raise EngineError(
+                f"{manifest_path(self.engine)}: manifest field 'embedding_dim' = {dim}, the engine's output has {output_dim}"
+            )
+        try:
+            parsed = schema.parse_record(record)
+        except ManifestFieldError as exc:
+            raise EngineError(f"{self.engine}: {exc} (re-export the engine)") from None
+        if parsed is None:
+            if carries_record and self.verified:
+                raise EngineError(
+                    f"{self.engine}: the engine carries no record of its export ({schema.RECORD_KEY}), so the "
+                    f"manifest cannot be checked against it: re-export the engine, or {UNVERIFIED}"
+                )
+            return
+        mismatch = schema.record_mismatch(self.data, parsed, self.verified)
+        if mismatch:
+            raise EngineError(f"{manifest_path(self.engine)}: {mismatch}")
 
 
-def _check_types(mpath: Path, data: dict[str, Any]) -> None:
-    """Every field the runtime reads has the type it expects; an edited manifest fails here, naming the field."""
-
-    def positive_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-    checks = [
-        ("engine", data["engine"], lambda v: isinstance(v, dict), "an object"),
-        ("engine.kind", data["engine"].get("kind") if isinstance(data["engine"], dict) else None,
-         lambda v: isinstance(v, str), "a string"),
-        ("engine.bytes", data["engine"].get("bytes") if isinstance(data["engine"], dict) else None,
-         lambda v: v is None or positive_int(v), "a positive integer"),
-        ("precision", data["precision"], lambda v: isinstance(v, str), "a string"),
-        ("embedding_dim", data["embedding_dim"], positive_int, "a positive integer"),
-        ("max_seq_length", data["max_seq_length"], positive_int, "a positive integer"),
-        ("do_lower_case", data.get("do_lower_case", False), lambda v: isinstance(v, bool), "true or false"),
-        ("tokenizer", data["tokenizer"], lambda v: isinstance(v, dict), "an object"),
-        ("vocab_size", data.get("vocab_size"), lambda v: v is None or positive_int(v), "a positive integer"),
-        ("max_position_embeddings", data.get("max_position_embeddings"),
-         lambda v: v is None or positive_int(v), "a positive integer or null"),
-    ]
-    for name, value, ok, expected in checks:
-        if not ok(value):
-            raise EngineError(f"{mpath}: manifest field {name!r} must be {expected}, got {json.dumps(value)[:60]}")
+def _read_manifest(mpath: Path) -> Any:
+    """The parsed manifest; ``EngineError`` for a file too large, not UTF-8, not JSON, or nested past the parser."""
+    try:
+        size = mpath.stat().st_size
+        if size > schema.MAX_MANIFEST_BYTES:
+            raise EngineError(f"{mpath}: corrupt manifest ({size} bytes; a manifest is at most {schema.MAX_MANIFEST_BYTES})")
+        return json.loads(mpath.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise EngineError(f"{mpath}: corrupt manifest (JSON nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit
+        raise EngineError(f"{mpath}: corrupt manifest ({str(exc)[:200]})") from None
 
 
-def _check_model_limits(mpath: Path, data: dict[str, Any], tokenizer: InstructionTokenizer) -> None:
-    """Token ids and lengths the engine's tables can hold (else ONNX Runtime fails deep inside a run)."""
+def _check_vocabulary(mpath: Path, data: dict[str, Any], tokenizer: InstructionTokenizer) -> None:
+    """Token ids the engine's embedding table can hold (else ONNX Runtime fails deep inside a run)."""
     vocab = data.get("vocab_size")
     if vocab is not None and tokenizer.max_token_id >= vocab:
         raise EngineError(
             f"{mpath}: the tokenizer has token ids up to {tokenizer.max_token_id}, past the model's vocabulary "
             f"(manifest field 'vocab_size' = {vocab})"
         )
-    positions = data.get("max_position_embeddings")
-    if positions is not None and data["max_seq_length"] > positions:
-        raise EngineError(
-            f"{mpath}: manifest field 'max_seq_length' = {data['max_seq_length']} is past the model's position table "
-            f"(manifest field 'max_position_embeddings' = {positions})"
-        )
 
 
 def load_manifest(engine: str | Path, verify_engine: bool = True) -> Manifest:
-    """Read and check a bundle's manifest and tokenizer; raise ``EngineError`` naming the file at fault."""
+    """Read and check a bundle's manifest and tokenizer; raise ``EngineError`` naming the file (and field) at fault.
+
+    Always: the bundle's files, every manifest field (``runtime.manifest_schema``), the tokenizer's sha256 and ids.
+    With ``verify_engine`` (the default) also the manifest's seal and the engine file's sha256.
+    """
     engine = Path(engine)
-    kind = engine_kind(engine)
-    if not engine.is_file():
-        raise EngineError(f"{engine}: engine file not found")
+    _check_engine_path(engine)
     mpath = manifest_path(engine)
     if not mpath.is_file():
-        raise EngineError(f"{mpath}: manifest not found (export the engine with `python -m export`)")
+        raise EngineError(f"{mpath}: manifest not found; {_bundle_hint(engine)}")
+    data = _read_manifest(mpath)
     try:
-        data = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EngineError(f"{mpath}: corrupt manifest ({exc})") from exc
-    if not isinstance(data, dict):
-        raise EngineError(f"{mpath}: corrupt manifest (a JSON object expected, got {type(data).__name__})")
-    missing = [f for f in REQUIRED_FIELDS if f not in data]
-    if missing:
-        raise EngineError(f"{mpath}: manifest lacks {missing}")
-    _check_types(mpath, data)
-    if data["format"] != MANIFEST_FORMAT:
-        raise EngineError(f"{mpath}: manifest format {data['format']!r}, this runtime reads {MANIFEST_FORMAT!r}")
-    if data["engine"].get("kind") != kind:
-        raise EngineError(f"{mpath}: manifest says a {data['engine'].get('kind')} engine, the file is {engine.suffix}")
-    if data["instruction_rules"] != INSTRUCTION_RULES_VERSION:
+        schema.validate(data, engine_kind(engine))
+    except ManifestFieldError as exc:
+        raise EngineError(f"{mpath}: {exc}") from None
+    if data["format"] == schema.LEGACY_FORMAT and verify_engine:
         raise EngineError(
-            f"{mpath}: instruction rules {data['instruction_rules']!r}, this runtime implements {INSTRUCTION_RULES_VERSION!r}"
+            f"{mpath}: manifest format {schema.LEGACY_FORMAT} carries no seal, so an edit cannot be told from the "
+            f"export: re-export the engine (format {MANIFEST_FORMAT}), or {UNVERIFIED}"
         )
     tpath = tokenizer_path(engine)
     if not tpath.is_file():
-        raise EngineError(f"{tpath}: tokenizer sidecar not found")
-    if sha256_file(tpath) != data["tokenizer"].get("sha256"):
+        raise EngineError(f"{tpath}: tokenizer sidecar not found; {_bundle_hint(engine)}")
+    if sha256_file(tpath) != data["tokenizer"]["sha256"]:
         raise EngineError(f"{tpath}: tokenizer sha256 differs from the manifest's (the bundle was mixed up)")
-    size = data["engine"].get("bytes")
-    if size is not None and engine.stat().st_size != size:
+    size = data["engine"]["bytes"]
+    if engine.stat().st_size != size:
         raise EngineError(f"{engine}: {engine.stat().st_size} bytes, the manifest says {size} (truncated or replaced)")
-    manifest = Manifest(engine=engine, data=data)
-    _check_model_limits(mpath, data, manifest.tokenizer())
+    manifest = Manifest(engine=engine, data=data, verified=verify_engine)
+    _check_vocabulary(mpath, data, manifest.tokenizer())
     if verify_engine:
-        verify_engine_file(engine, data["engine"].get("sha256"))
+        broken = schema.broken_seal(data)
+        if broken:
+            raise EngineError(f"{mpath}: {broken}; re-export the engine, or {UNVERIFIED}")
+        verify_engine_file(engine, data["engine"]["sha256"])
     return manifest

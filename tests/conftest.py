@@ -91,6 +91,22 @@ def minilm_engine(tmp_path_factory, minilm_dir) -> Path:
     return engine
 
 
+@pytest.fixture(scope="session")
+def tiny_engine_64(tmp_path_factory) -> Path:
+    """The tiny fixture exported with a 64-token window (its ``sentence_bert_config.json``), for tests of long
+    texts: the window is sealed in the manifest and recorded in the engine, so it cannot be edited in afterwards."""
+    from export.build import export_bundle
+
+    folder = tmp_path_factory.mktemp("tiny-64")
+    checkpoint = folder / "checkpoint"
+    shutil.copytree(TINY, checkpoint)
+    config = checkpoint / "sentence_bert_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_seq_length": 64}))
+    engine = folder / "tiny.onnx"
+    export_bundle(checkpoint, engine)
+    return engine
+
+
 TORCH_FREE_CHECK = """
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "trainer", "export", "transformers"))
 assert not bad, bad

@@ -280,7 +280,7 @@ def test_fp16_tiny_export_passes_gate_on_cpu(tmp_path):
 def test_bf16_onnx_without_cuda_ep_says_what_to_install(tmp_path, capsys):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed: bf16 .onnx can be verified here")
-    assert export_main([str(TINY), "--out", str(tmp_path / "x.onnx"), "--precision", "bf16"]) == 2
+    assert export_main([str(TINY), "--out", str(tmp_path / "x.onnx"), "--precision", "bf16"]) == 3  # the environment
     assert "onnxruntime-gpu" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
@@ -351,7 +351,7 @@ def test_gate_refuses_pooling_without_instruction_mask(tmp_path, monkeypatch, ca
 def test_corrupt_weights_give_clear_error(tiny_copy, tmp_path, capsys):
     weights = tiny_copy / "pytorch_model.bin"
     weights.write_bytes(weights.read_bytes()[:1000])
-    assert export_main([str(tiny_copy), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert export_main([str(tiny_copy), "--out", str(tmp_path / "x.onnx")]) == 1  # bad input data: the checkpoint
     err = capsys.readouterr().err
     assert str(tiny_copy) in err and "cannot load the t5 encoder weights" in err
 
@@ -359,7 +359,7 @@ def test_corrupt_weights_give_clear_error(tiny_copy, tmp_path, capsys):
 @pytest.mark.parametrize(("missing", "message"), [("modules.json", "modules.json: file not found"), ("2_Dense/config.json", "2_Dense/config.json: file not found")])
 def test_missing_checkpoint_file_gives_clear_error(tiny_copy, tmp_path, capsys, missing, message):
     (tiny_copy / missing).unlink()
-    assert export_main([str(tiny_copy), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert export_main([str(tiny_copy), "--out", str(tmp_path / "x.onnx")]) == 1  # bad input data: the checkpoint
     assert message in capsys.readouterr().err
 
 
@@ -377,7 +377,7 @@ def test_read_only_output_folder_gives_clear_error(tmp_path, capsys):
     folder.mkdir()
     folder.chmod(0o555)
     try:
-        assert export_main([str(TINY), "--out", str(folder / "x.onnx")]) == 2
+        assert export_main([str(TINY), "--out", str(folder / "x.onnx")]) == 3  # permissions: the environment
     finally:
         folder.chmod(0o755)
     assert "cannot write the engine" in capsys.readouterr().err
@@ -409,8 +409,9 @@ def test_plan_without_tensorrt_says_what_to_install(tmp_path, capsys):
         pytest.skip("TensorRT is installed")
     except ImportError:
         pass
-    assert export_main([str(TINY), "--out", str(tmp_path / "x.plan"), "--precision", "fp16"]) == 2
-    assert "pip install 'instructor-stack[gpu]'" in capsys.readouterr().err
+    assert export_main([str(TINY), "--out", str(tmp_path / "x.plan"), "--precision", "fp16"]) == 3  # the environment
+    err = capsys.readouterr().err
+    assert "pip install 'instructor-stack[gpu]'" in err and "an NVIDIA GPU with TensorRT" in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -21,6 +21,7 @@ from export.pt2 import export_program
 from runtime import Encoder, EngineError
 from runtime import encode as encode_cli
 from runtime.bundle import manifest_path, tokenizer_path
+from runtime.manifest_schema import seal
 from tests.conftest import TINY
 from tests.test_runtime_resume import command, corpus, resumed_rows, run, run_until_paused_then_kill  # noqa: F401
 
@@ -59,14 +60,15 @@ def test_manifest_records_build_target_and_parity(tiny_pt2):
 
 
 def copy_bundle(engine: Path, folder: Path, **pt2_fields: object) -> Path:
-    """The bundle copied to ``folder`` with its manifest's ``pt2`` fields changed as if built elsewhere."""
+    """The bundle copied to ``folder`` with its manifest's ``pt2`` fields changed as if built elsewhere (and sealed
+    again, as that export would have: an edit alone is refused by the seal)."""
     folder.mkdir()
     dst = folder / engine.name
     for src, name in ((engine, dst), (tokenizer_path(engine), tokenizer_path(dst))):
         shutil.copyfile(src, name)
     manifest = json.loads(manifest_path(engine).read_text())
     manifest["pt2"].update(pt2_fields)
-    manifest_path(dst).write_text(json.dumps(manifest))
+    manifest_path(dst).write_text(json.dumps(seal(manifest)))
     return dst
 
 
@@ -92,7 +94,7 @@ def test_export_for_cuda_without_a_gpu_is_refused_before_work(tmp_path, capsys):
         pytest.skip("this machine has a CUDA GPU")
     from export.__main__ import main as export_main
 
-    assert export_main([str(TINY), "--out", str(tmp_path / "x.pt2"), "--device", "cuda"]) == 2
+    assert export_main([str(TINY), "--out", str(tmp_path / "x.pt2"), "--device", "cuda"]) == 3  # no GPU: the environment
     assert "sees no usable CUDA GPU" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 

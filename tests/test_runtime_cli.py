@@ -14,6 +14,7 @@ import pytest
 from runtime import encode
 from runtime.encoder import Encoder
 from runtime.job import summary_path
+from runtime.manifest_schema import seal
 
 INSTR = "Represent the document for retrieval: "
 DOCS = [
@@ -235,9 +236,10 @@ def test_bad_engine_exits_2_with_a_clear_message(tiny_engine, tmp_path, capsys, 
         plan = engine.with_suffix(".plan")
         manifest = json.loads(Path(f"{engine}.manifest.json").read_text())
         manifest["engine"].update(kind="tensorrt", file=plan.name, bytes=4, sha256=hashlib.sha256(b"junk").hexdigest())
-        manifest["tensorrt"] = {"version": "0.0.0", "compute_capability": "1.0"}
+        manifest["tensorrt"] = {"version": "0.0.0", "compute_capability": "1.0",
+                                "profile": {"input_ids": {"min": [1, 1], "opt": [1, 1], "max": [1, 512]}}}
         plan.write_bytes(b"junk")
-        Path(f"{plan}.manifest.json").write_text(json.dumps(manifest))
+        Path(f"{plan}.manifest.json").write_text(json.dumps(seal(manifest)))  # sealed, as an export writes it
         shutil.copyfile(f"{engine}.tokenizer.json", f"{plan}.tokenizer.json")
         engine = plan
     extra = ["--no-verify-engine"] if damage.endswith("unverified") else []

@@ -9,6 +9,7 @@ import numpy as np
 from runtime.backends.cuda import device_index
 from runtime.batching import GPU_MAX_TOKENS
 from runtime.bundle import INPUT_NAMES, OUTPUT_NAME, EngineError, Manifest
+from runtime.manifest_schema import RECORD_KEY
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -76,12 +77,14 @@ class OnnxBackend:
             self.session = ort.InferenceSession(str(manifest.engine), _session_options(self.options), providers=providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable / invalid models
             raise EngineError(f"{manifest.engine}: ONNX Runtime cannot load the engine ({exc})") from exc
-        names = {i.name for i in self.session.get_inputs()}
-        if names != set(INPUT_NAMES) or self.session.get_outputs()[0].name != OUTPUT_NAME:
-            raise EngineError(
-                f"{manifest.engine}: engine inputs {sorted(names)} / output {self.session.get_outputs()[0].name!r}, "
-                f"expected {list(INPUT_NAMES)} / {OUTPUT_NAME!r}"
-            )
+        output = self.session.get_outputs()[0]
+        manifest.check_engine(
+            [i.name for i in self.session.get_inputs()],
+            output.name,
+            output.shape[-1] if output.shape else None,
+            self.session.get_modelmeta().custom_metadata_map.get(RECORD_KEY),
+            carries_record=True,
+        )
         self.use_cuda = "CUDAExecutionProvider" in self.session.get_providers()
         if want_cuda and not self.use_cuda:
             raise EngineError(f"{manifest.engine}: the CUDA execution provider did not start (no usable GPU?)")

@@ -32,6 +32,7 @@ from runtime.backends.cuda import device_index
 from runtime.batching import GPU_MAX_TOKENS
 from runtime.bundle import INPUT_NAMES, OUTPUT_NAME, EngineError, Manifest
 from runtime.deps import MissingDependency
+from runtime.manifest_schema import RECORD_KEY
 
 
 GRAPH_MAX_ROWS = 8  # batches up to this many rows replay a CUDA graph (latency-bound sizes); larger ones run as is
@@ -93,6 +94,14 @@ def _import_torch(manifest: Manifest, built: dict[str, Any]) -> Any:
     return torch
 
 
+def _metadata(package: Any) -> dict[str, str]:
+    """The package's metadata (where the exporter put its engine record); empty if this torch cannot read it."""
+    try:
+        return dict(package.get_metadata())
+    except Exception:  # noqa: BLE001 - a package without metadata support is checked by the manifest alone
+        return {}
+
+
 def graph_bucket(rows: int, length: int, max_length: int) -> tuple[int, int]:
     """The (rows, tokens) a batch is padded to for its CUDA graph: each rounded up to a power of two, tokens at
     least ``GRAPH_MIN_LENGTH`` and at most the engine's ``max_length``."""
@@ -141,6 +150,7 @@ class Pt2Backend:
             self.model = torch._inductor.aoti_load_package(str(manifest.engine), device_index=self.index)
         except Exception as exc:  # torch raises RuntimeError subclasses of its own for unreadable packages
             raise EngineError(f"{manifest.engine}: torch cannot load the AOTInductor package ({exc})") from exc
+        manifest.check_engine(built.get("inputs", INPUT_NAMES), OUTPUT_NAME, None, _metadata(self.model).get(RECORD_KEY), carries_record=True)
         self.device = "cuda" if on_cuda else "cpu"
         self.torch_device = torch.device("cuda", self.index) if on_cuda else torch.device("cpu")
         self.max_rows = int(built["max_batch"]) if isinstance(built.get("max_batch"), int) else None

@@ -74,6 +74,7 @@ class TensorRTBackend:
             raise EngineError(f"{manifest.engine}: engine tensors {names}, the manifest says {expected + outputs}")
         self.input_names = expected
         self.output_name = outputs[0]
+        manifest.check_engine(expected, self.output_name, int(self.engine.get_tensor_shape(self.output_name)[-1]))
         self.dtypes = {name: np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))) for name in names}
         self.context = self.engine.create_execution_context()
         # the profile's max batch: the batch planner must not exceed it

@@ -15,6 +15,7 @@ from typing import Any
 
 from runtime.atomic import atomic_write_bytes, atomic_write_text
 from runtime.backends.cuda import current_device
+from runtime.manifest_schema import seal
 from runtime.bundle import (
     INPUT_NAMES,
     Manifest,
@@ -126,5 +127,5 @@ def rebuild_for_this_gpu(manifest: Manifest, plan_cache: Path = DEFAULT_PLAN_CAC
     data.update(fields)
     data["engine"] = {**data["engine"], "bytes": plan.stat().st_size, "sha256": sha256_file(plan)}
     data["rebuilt_from"] = {"engine": str(manifest.engine), "manifest_sha256": manifest.sha256}
-    atomic_write_text(manifest_path(plan), json.dumps(data, indent=2) + "\n")
+    atomic_write_text(manifest_path(plan), json.dumps(seal(data), indent=2) + "\n")  # sealed anew: a changed bundle
     return plan
