@@ -426,3 +426,16 @@ def test_a_log_line_torn_by_a_kill_does_not_stop_a_resume(tmp_path):
     log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
     StepLog(log, resume_step=2)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+def test_a_resume_without_learning_rate_keeps_the_checkpoints(tmp_path, capsys):
+    """Only a --learning_rate given on resume replaces the checkpoint's: a plain resume of a 1e-3 run stays bit-exact."""
+    first = tmp_path / "first"
+    assert train_main(_run(first, "--learning_rate", "1e-3")) == 0
+    out = tmp_path / "resumed"
+    assert train_main(_run(out, "--resume_from_checkpoint", str(first / "checkpoints" / "checkpoint-2"))) == 0
+    assert "replaces the checkpoint's" not in capsys.readouterr().err
+    lrs = [[json.loads(line)["lr"] for line in (d / "train_log.jsonl").read_text().splitlines()] for d in (first, out)]
+    assert lrs[1] == lrs[0][2:] == pytest.approx([1e-3 * 2 / 3, 1e-3 * 1 / 3])
+    a, b = load_file(first / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -68,7 +68,7 @@ class TrainJob:
     num_train_epochs: float = 3.0
     max_steps: int = -1
     per_device_train_batch_size: int = 8
-    learning_rate: float = 2e-5
+    learning_rate: float | None = None  # the peak; None: DEFAULT_LEARNING_RATE for a new run, the checkpoint's on resume
     warmup_ratio: float = 0.1
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -85,6 +85,11 @@ class TrainJob:
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
 
+    @property
+    def peak_learning_rate(self) -> float:
+        """The learning rate a new run peaks at: ``learning_rate`` when given, else upstream's 2e-5."""
+        return DEFAULT_LEARNING_RATE if self.learning_rate is None else self.learning_rate
+
     def warmup_steps_of(self, total: int) -> int:
         """Warmup steps of a ``total``-step run: ``warmup_steps`` when > 0, else ``ceil(warmup_ratio x total)`` (HF's rule)."""
         return self.warmup_steps if self.warmup_steps > 0 else math.ceil(self.warmup_ratio * total)
@@ -94,6 +99,7 @@ class TrainJob:
         checks = [
             (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
             (self.cl_temperature > 0, "--cl_temperature must be > 0"),
+            (self.learning_rate is None or self.learning_rate >= 0, "--learning_rate must be >= 0"),
             (self.max_source_length >= 2, "--max_source_length must be >= 2"),
             (self.save_steps >= 1, "--save_steps must be >= 1"),
             (self.grad_cache_chunk_size >= 0, "--grad_cache_chunk_size must be >= 0"),
@@ -109,6 +115,7 @@ class TrainJob:
 
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+DEFAULT_LEARNING_RATE = 2e-5  # upstream's published command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,14 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "and loss_curve.png go; a folder holding a model needs --overwrite_output_dir")
     add_bool(io, "overwrite_output_dir", "start afresh even if --output_dir holds a model or checkpoints")
     io.add_argument("--resume_from_checkpoint", metavar="PATH|latest", help="continue from a checkpoint folder, or the "
-                    "newest in OUTPUT_DIR/checkpoints; a --learning_rate other than the checkpoint's applies from there on")
+                    "newest in OUTPUT_DIR/checkpoints; a --learning_rate given with it replaces the checkpoint's from there on")
     io.add_argument("--cache_dir", metavar="DIR", help="upstream's folder holding medi-data.json and downloaded models")
 
     sched = p.add_argument_group("steps and schedule")
     sched.add_argument("--max_steps", type=int, default=d.max_steps, metavar="N", help=f"optimizer steps; overrides --num_train_epochs when > 0. Default: {d.max_steps}")
     sched.add_argument("--num_train_epochs", type=float, default=d.num_train_epochs, metavar="E", help=f"epochs over the full single-task batches. Default: {d.num_train_epochs:g}")
     sched.add_argument("--per_device_train_batch_size", type=int, default=d.per_device_train_batch_size, metavar="B", help=f"(query, pos, neg) examples per process per step. Default: {d.per_device_train_batch_size}")
-    sched.add_argument("--learning_rate", type=float, default=d.learning_rate, metavar="LR", help=f"peak AdamW learning rate. Default: {d.learning_rate:g} (upstream's)")
+    sched.add_argument("--learning_rate", type=float, default=d.learning_rate, metavar="LR", help=f"peak AdamW learning rate. Default: {DEFAULT_LEARNING_RATE:g} (upstream's); on resume, the checkpoint's")
     sched.add_argument("--warmup_ratio", type=float, default=d.warmup_ratio, metavar="R", help=f"share of the steps with linear warmup, then linear decay to 0. Default: {d.warmup_ratio:g}")
     sched.add_argument("--warmup_steps", type=int, default=d.warmup_steps, metavar="N", help="warmup steps; overrides --warmup_ratio when > 0")
     sched.add_argument("--seed", type=int, default=d.seed, help=f"batch order, dropout, initial RNG state. Default: {d.seed}")

@@ -199,7 +199,7 @@ def build_run(job: TrainJob, accelerator: Accelerator, index: MediIndex, plan: B
         model.auto_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=job.learning_rate, weight_decay=job.weight_decay,
+        [p for p in model.parameters() if p.requires_grad], lr=job.peak_learning_rate, weight_decay=job.weight_decay,
         betas=(job.adam_beta1, job.adam_beta2), eps=job.adam_epsilon,
     )
     # The schedule counts global steps: it is not passed to prepare(), which would step it once per process.
@@ -248,7 +248,8 @@ def _apply_learning_rate(run: Run, learning_rate: float) -> float | None:
     """Make ``learning_rate`` the peak of the restored schedule from the current step on; the checkpoint's when it differed.
 
     The optimizer and schedule states restore the learning rate the checkpoint was made with; after a diverged
-    run the way on is that checkpoint with a lower rate, so ``--learning_rate`` given on resume is applied.
+    run the way on is that checkpoint with a lower rate, so a ``--learning_rate`` given on resume is applied (a
+    resume without one keeps the checkpoint's: ``TrainJob.learning_rate`` is None then).
     """
     sched = run.scheduler
     before = sched.base_lrs[0]
