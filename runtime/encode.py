@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default=d.device,
                    help="auto: CUDA when available (always for .plan; for .pt2 the device it was built for), else CPU")
     p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime intra-op threads (default 0: one per core)")
+    p.add_argument("--precision", default=d.precision,
+                   help="which engine of a --precision auto bundle runs: auto (the fastest that passed its gate on this "
+                        "CPU, measured once per machine), fp32, bf16, int8, or an engine's name (e.g. openvino-bf16); "
+                        "the summary's engine_choice says which ran and why (default: auto)")
     p.add_argument("--verify-engine", action=argparse.BooleanOptionalAction, default=d.verify_engine,
                    help="check the engine file's sha256 against the manifest on its first use (default: on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output and discard unfinished work")
@@ -160,7 +164,7 @@ def _parse(argv: list[str] | None) -> tuple[EncodeJob, argparse.Namespace]:
         int8_ranges=a.int8_ranges, long_text=a.long_text, chunk_overlap=a.chunk_overlap, chunk_pooling=a.chunk_pooling,
         chunk_output=a.chunk_output, on_error=a.on_error,
         batch_size=a.batch_size, max_tokens=a.max_tokens, max_padding=a.max_padding, shard_rows=a.shard_rows,
-        device=a.device, threads=a.threads, verify_engine=a.verify_engine, overwrite=a.overwrite, quiet=a.quiet, ray=ray,
+        device=a.device, threads=a.threads, precision=a.precision, verify_engine=a.verify_engine, overwrite=a.overwrite, quiet=a.quiet, ray=ray,
     )
     problems = job.problems()
     if problems:
@@ -177,6 +181,7 @@ def resume_fingerprint(job: EncodeJob, encoder: Encoder) -> dict[str, object]:
         "input": str(job.input.resolve()),
         "engine_manifest_sha256": encoder.manifest.sha256,
         "backend": encoder.backend.name,
+        "cpu_engine": encoder.engine_choice.name,
         "threads": job.threads,
         "text_field": job.text_field,
         "instruction": job.instruction,
@@ -300,6 +305,8 @@ def _run_locked(job: EncodeJob, hook: PointHook) -> RunSummary:
         resumed_rows=resumed,
         encode_s=round(loop_s, 3),
         backend=encoder.backend.name,
+        precision=encoder.engine_choice.precision,
+        engine_choice=encoder.engine_choice.as_dict(),
         **chunk_counts(job, stats.chunks, stats.split_rows, store.vectors),
         ranges=str(ranges_path(job.output)) if ranges is not None else None,
     )

@@ -25,9 +25,9 @@ from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from runtime import chunking
+from runtime import chunking, cpu_engines
 from runtime.output_dtype import NEEDS_RANGES, calibration_ranges, check_output_dtype, quantize
-from runtime.backends import Backend, open_backend
+from runtime.backends import Backend
 from runtime.batching import BatchStats, plan_batches
 from runtime.bundle import Manifest, load_manifest
 from runtime.tokenization import Encoded, InputItem, InstructionTokenizer
@@ -87,6 +87,9 @@ class Encoder:
     sha256 against its manifest (once per file version: see ``runtime.bundle.verify_engine_file``).
     ``long_text`` is ``"truncate"`` (the reference's behaviour) or ``"chunk"`` (``chunk_overlap`` tokens shared by
     neighbouring chunks, combined by ``chunk_pooling``: see ``runtime.chunking``).
+    ``precision``: which engine of a ``--precision auto`` bundle runs (``auto``: the fastest that passed its gate on
+    this CPU; ``fp32``, ``bf16``, ``int8`` or an engine's name: the fastest of those; ``runtime.cpu_engines``);
+    ``engine_choice`` says which one and how it was chosen. A bundle of one engine runs that engine.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class Encoder:
         long_text: str = "truncate",
         chunk_overlap: int = chunking.DEFAULT_OVERLAP,
         chunk_pooling: str = "mean",
+        precision: str = "auto",
         **onnx_options: Any,
     ) -> None:
         if (max_tokens is not None and max_tokens < 1) or window < 1 or queue_size < 1:
@@ -113,7 +117,9 @@ class Encoder:
         self.chunk_pooling = chunk_pooling
         self.manifest: Manifest = load_manifest(engine_path, verify_engine=verify_engine)
         self.tokenizer: InstructionTokenizer = self.manifest.tokenizer()
-        self.backend: Backend = open_backend(self.manifest, device, **onnx_options)
+        threads = int(onnx_options.get("intra_op_threads") or 0)
+        self.engine_choice: cpu_engines.Choice = cpu_engines.choose(self.manifest, precision, device, threads)
+        self.backend: Backend = cpu_engines.open_choice(self.manifest, self.engine_choice, device, threads, **onnx_options)
         self.max_tokens = int(max_tokens or self.backend.default_max_tokens or DEFAULT_MAX_TOKENS)
         self.window = int(window)
         self.max_padding = float(max_padding)
@@ -322,8 +328,8 @@ class Encoder:
     ) -> Window[T]:
         chunks = prepared.chunks
         vectors = np.empty((len(chunks.row) if chunks else len(prepared.items), self.embedding_dim), dtype=np.float32)
-        for rows, feeds in prepared.batches:
-            vectors[rows] = self.backend.run(feeds)
+        for (rows, feeds), out in zip(prepared.batches, cpu_engines.run_each(self.backend, [f for _, f in prepared.batches])):
+            vectors[rows] = out
             if on_batch is not None:  # a row counts as done with its first chunk: the total stays the row count
                 done = len(rows) if chunks is None else int(np.count_nonzero(chunks.index[rows] == 0))
                 on_batch(done, int(feeds["attention_mask"].sum()))

@@ -59,6 +59,7 @@ class EncodeJob:
     shard_rows: int = DEFAULT_WINDOW
     device: str = "auto"
     threads: int = 0  # ONNX Runtime intra-op threads; 0: one per core
+    precision: str = "auto"  # which engine of a --precision auto bundle (runtime.cpu_engines); a one-engine bundle: it
     verify_engine: bool = True
     overwrite: bool = False
     quiet: bool = False
@@ -117,7 +118,7 @@ class EncodeJob:
         """``runtime.Encoder`` keyword arguments of this job (device aside)."""
         return {"max_tokens": self.max_tokens, "max_padding": self.max_padding, "verify_engine": self.verify_engine,
                 "long_text": self.long_text, "chunk_overlap": self.chunk_overlap, "chunk_pooling": self.chunk_pooling,
-                **self.onnx_options}
+                "precision": self.precision, **self.onnx_options}
 
     def reader_options(self) -> ReaderOptions:
         return ReaderOptions(self.text_field, self.instruction, self.instruction_field, self.id_field, self.on_error)
@@ -157,6 +158,7 @@ class RunSummary:
     engine_manifest_sha256: str
     precision: str
     backend: str | None = None
+    engine_choice: dict[str, Any] | None = None  # the engine of the bundle that ran, and how it was picked
     padded_tokens: int | None = None
     padding_waste: float | None = None
     resumed_rows: int | None = None
@@ -181,7 +183,7 @@ class RunSummary:
             blank_lines=skipped.blank_lines, elapsed_s=round(elapsed, 3),
             docs_per_s=round(rate_rows / max(seconds, 1e-9), 2), tokens_per_s=round(rate_tokens / max(seconds, 1e-9), 1),
             embedding_dim=manifest.embedding_dim, output_dtype=job.output_dtype, engine=job.engine,
-            engine_manifest_sha256=manifest.sha256, precision=manifest.precision,
+            engine_manifest_sha256=manifest.sha256, precision=extra.pop("precision", manifest.precision),
             warnings=[skipped.unused_instruction.warning(job.input)] if skipped.unused_instruction else None, **extra,
         )
 

@@ -85,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"threads that parse and tokenize requests off the event loop. Default: {d.tokenization_workers}")
     p.add_argument("--threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads per engine (0: one per core, shared out among several CPU engines). Default: 0")
+    p.add_argument("--precision", default=d.precision,
+                   help="which engine of a --precision auto bundle serves: auto (the fastest that passed its gate on this "
+                   "CPU, measured once per machine and thread count), fp32, bf16, int8 or an engine's name; /info says "
+                   f"which runs. Default: {d.precision}")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N, or a comma-separated list (cuda:0,cuda:1): one engine on each device, all behind "
                    "the one batcher. Default: the engine's natural device")
@@ -168,7 +172,7 @@ def serve(args: argparse.Namespace) -> int:
         max_padding=args.max_padding, max_queue_tokens=args.max_queue_tokens, queue_timeout=args.queue_timeout,
         max_concurrent_requests=args.max_concurrent_requests, max_request_items=args.max_request_items,
         payload_limit=args.payload_limit, tokenization_workers=args.tokenization_workers, threads=args.threads,
-        device=args.device, replicas=args.replicas, head_timeout=args.head_timeout, body_timeout=args.body_timeout,
+        precision=args.precision, device=args.device, replicas=args.replicas, head_timeout=args.head_timeout, body_timeout=args.body_timeout,
         max_connections=args.max_connections, long_text=args.long_text, chunk_overlap=args.chunk_overlap,
         chunk_pooling=args.chunk_pooling, int8_ranges=args.int8_ranges, max_head_bytes=args.max_head_bytes,
         max_headers=args.max_headers,
@@ -193,7 +197,7 @@ def serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=args.graceful_timeout, timeout_keep_alive=args.keep_alive_timeout, lifespan="on",
             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio", http=protocol, backlog=4096,
         ))
-        log.info("serving %s (%s, dim %d, %d x %s) on http://%s:%d", config.served_name, encoder.manifest.precision,
+        log.info("serving %s (%s, dim %d, %d x %s) on http://%s:%d", config.served_name, encoder.engine_choice.name,
                  encoder.embedding_dim, len(encoders), encoder.backend.name, args.host, port)
         try:
             server.run(sockets=[sock])

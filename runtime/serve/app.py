@@ -77,7 +77,7 @@ def open_encoders(config: ServeConfig) -> list[Encoder]:
             options: dict[str, Any] = {"intra_op_threads": threads} if threads and cpu else {}
             encoders.append(Encoder(config.engine, device=device, max_tokens=config.max_batch_tokens, max_padding=config.max_padding,
                                     long_text=config.long_text, chunk_overlap=config.chunk_overlap,
-                                    chunk_pooling=config.chunk_pooling, **options))
+                                    chunk_pooling=config.chunk_pooling, precision=getattr(config, "precision", "auto"), **options))
     except BaseException:
         for encoder in encoders:
             encoder.close()
@@ -162,14 +162,15 @@ class Service:
             "engine": str(self.config.engine),
             "embedding_dim": self.encoder.embedding_dim,
             "max_seq_length": self.encoder.max_seq_length,
-            "precision": manifest.precision,
+            "precision": self.encoder.engine_choice.precision,
+            "engine_choice": self.encoder.engine_choice.as_dict(),
             "architecture": manifest.data.get("architecture"),
             "normalized": self._engine_normalizes,
             "long_text": self.encoder.long_text,
             "embedding_types": [t for t in EMBEDDING_TYPES if self.ranges is not None or t not in NEEDS_RANGES],
             "backend": self.encoder.backend.name,
             "device": self.encoder.device,
-            "engines": [{"backend": e.backend.name, "device": e.device} for e in self.encoders],
+            "engines": [{"backend": e.backend.name, "device": e.device, "engine": e.engine_choice.name} for e in self.encoders],
             "instruction_rules": manifest.data.get("instruction_rules"),
             "instructions": sorted(self.config.instructions),
             "limits": self.config.limits(),

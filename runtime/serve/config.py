@@ -30,6 +30,7 @@ class ServeConfig:
     payload_limit: int = 2_000_000
     tokenization_workers: int = 2
     threads: int = 0  # ONNX Runtime intra-op threads per engine, 0: the cores shared out among the CPU engines
+    precision: str = "auto"  # which engine of a --precision auto bundle (runtime.cpu_engines)
     device: str | None = None  # one device, or a comma-separated list (cuda:0,cuda:1): one engine on each
     replicas: int = 0  # engines per device, each with its own thread, all behind the one batcher; 0: see engine_devices
     head_timeout: float = 10.0  # seconds for a request's line and headers to arrive
