@@ -36,6 +36,9 @@ precisions (--precision):
   fp16  .onnx (ORT CUDA EP; ORT's CPU EP runs it too), .plan or .pt2: MatMuls in fp16, with the residual
         stream, norms, softmax, FF output (wo) and pooling in fp32
   bf16  as fp16 with bfloat16 (a .onnx needs onnxruntime-gpu to be verified; a .pt2 also builds for the CPU)
+  auto  .onnx for the CPU: the fp32 engine plus every other CPU engine that passes its gate (ONNX Runtime int8;
+        OpenVINO f32, bf16 where the CPU has native bf16, NNCF int8), raced here; the runtime runs the fastest
+        on the CPU it finds (measured there once if it is another CPU). Manifest: cpu_engines
 """
 
 EXPORT_EPILOG = (
@@ -57,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("checkpoint", help="sentence-transformers folder (hkunlp INSTRUCTOR layout, or e.g. all-MiniLM-L6-v2)")
     p.add_argument("--out", required=True, help="engine path: NAME.onnx, NAME.plan or NAME.pt2 (a file, not a folder)")
     p.add_argument("--overwrite", action="store_true", help="replace the bundle already at --out (refused otherwise)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    p.add_argument("--precision", choices=(*PRECISIONS, "auto"), default="fp32",
                    help="engine precision; what each means: 'precisions' in the description above. Default: fp32")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17). Default: 17")
     p.add_argument(
@@ -99,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr (errors are still printed)")
     p.add_argument("--debug", action="store_true", help="on an internal error, print the traceback to stderr")
+    p.add_argument("--engines", nargs="+", metavar="ENGINE",
+                   help="--precision auto: build only these CPU engines (onnxruntime-fp32 always; onnxruntime-int8, "
+                        "openvino-f32, openvino-bf16, openvino-int8). Default: all")
     trt = p.add_argument_group(".plan (TensorRT) options")
     trt.add_argument("--max-batch", type=int, default=32, help="largest batch the engine accepts. Default: 32")
     trt.add_argument("--opt-batch", type=int, help="batch size TensorRT tunes for. Default: max-batch / 2")
@@ -154,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         progress=Progress(enabled=not args.quiet),
+        engines=tuple(args.engines) if args.engines else None,
     )
     manifest = export_bundle(checkpoint, args.out, opts)
     par = manifest["parity"]
@@ -162,6 +169,10 @@ def run(args: argparse.Namespace) -> int:
         f"parity vs PyTorch ({par['runner']}) on {par['rows']} rows: min cos {par['min_cosine']:.6f}, "
         f"mean cos {par['mean_cosine']:.6f}, max abs {par['max_abs_diff']:.2e}"
     )
+    if "cpu_engines" in manifest:
+        from export.auto import summary_line
+
+        print(summary_line(manifest))
     return 0
 
 

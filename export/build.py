@@ -78,6 +78,7 @@ class ExportOptions:
     device: str = "auto"  # .pt2: the device it is compiled for (auto: cuda when torch sees a GPU, else cpu)
     overwrite: bool = False  # replace an existing bundle at the output path
     progress: Progress = field(default_factory=Progress)  # one line per step on stderr (Progress(False): silent)
+    engines: tuple[str, ...] | None = None  # precision "auto": the CPU engines to build (None: all; export.auto)
 
 
 def onnx_runner(path: Path, precision: str = "fp32") -> tuple[Runner, str]:
@@ -361,6 +362,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
     bundle there unless ``opts.overwrite``, writable). One export at a time per output (``PATH.lock``: ``LockHeld``).
     """
     opts = opts or ExportOptions()
+    if opts.precision == "auto":  # every CPU engine that passes its gate, in one bundle
+        from export.auto import export_auto_bundle
+
+        return export_auto_bundle(checkpoint, out, opts)
     progress = opts.progress
     out = Path(out)
     kind = engine_kind(out)
