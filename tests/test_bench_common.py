@@ -137,3 +137,36 @@ def test_the_corpus_note_names_data_folders_by_role(tmp_path):
     docs, note = load_corpus([folder, extra], 3, seed=0)
     assert len(docs) == 3 and note == "3 of 4 texts from DATA_DIR, more.txt (seed 0)"
     assert str(tmp_path) not in note
+
+
+def test_throughput_runs_an_auto_bundle_and_each_of_its_engines(tmp_path):
+    pytest.importorskip("openvino")
+    from argparse import Namespace
+
+    from bench.common import Workspace
+    from bench.speed.throughput import our_contenders, peak_of
+    from export.build import ExportOptions, export_bundle
+    from export.progress import Progress
+    from trainer import InstructorModel
+
+    ws = Workspace(tmp_path)
+    export_bundle(ws.checkpoint("tiny"), ws.root / "tiny-auto.onnx",  # what ws.engine("tiny", "auto") would build, fewer engines
+                  ExportOptions(precision="auto", engines=("onnxruntime-fp32", "openvino-f32"), calib_max_batch=1, progress=Progress(False)))
+    tiny_model = InstructorModel.from_pretrained(ws.checkpoint("tiny"))
+    items = with_instruction(["a short text", "another, somewhat longer text"], "t5")
+    args = Namespace(precisions=["auto", "auto/openvino-f32", "auto/openvino-int8"], batch_size=2, threads=1)
+    contenders = {c.name: c for c in our_contenders("tiny", ws, items, args, tiny_model)}
+    assert list(contenders) == ["reference", "runtime-auto", "runtime-auto/openvino-f32"]
+    assert "runtime-auto/openvino-int8" in " ".join(ws.notes)  # not in the bundle: skipped, with the reason
+    one = contenders["runtime-auto/openvino-f32"]
+    assert one.info["engine_choice"]["engine"] == "openvino-f32" and one.precision == "fp32"
+    assert np.abs(one.warm() - contenders["reference"].warm()).max() <= 1e-5
+    peaks = {"sgemm": 100.0, "int8": 1000.0, "int8_openvino": 2000.0, "bf16": 500.0}
+    assert peak_of(one, peaks) == ("sgemm", 100.0)
+    for name, precision, info, kind in [("runtime-auto/openvino-bf16", "bf16", {"backend": "openvino"}, "bf16"),
+                                        ("runtime-auto/openvino-int8", "int8", {"backend": "openvino"}, "int8_openvino"),
+                                        ("runtime-int8", "int8", {}, "int8"),
+                                        ("st-openvino", "fp32", {"inference_precision": "bf16"}, "bf16")]:
+        c = type(one)(name, one.run, one.warm, precision, info=info)
+        assert peak_of(c, peaks)[0] == kind, name
+        assert peak_of(c, {"sgemm": 100.0, "int8": 1000.0})[0] == ("int8" if kind == "int8" else "sgemm"), name

@@ -23,8 +23,11 @@ class SentenceEncoder(Protocol):
 ENGINE_SUFFIXES = (".onnx", ".plan", ".pt2")
 
 
-def load_encoder(path: str | Path, cache_dir: str | Path | None = None) -> tuple[SentenceEncoder, dict[str, Any]]:
+def load_encoder(path: str | Path, cache_dir: str | Path | None = None, precision: str = "auto") -> tuple[SentenceEncoder, dict[str, Any]]:
     """An engine file through ``runtime.Encoder``, or a checkpoint folder through the PyTorch reference model.
+
+    ``precision``: the engine of a ``--precision auto`` bundle to evaluate (``runtime.cpu_engines``); ``auto``: the
+    one this CPU runs.
 
     A name that is neither, such as ``hkunlp/instructor-large``, is looked up where InstructorEmbedding's stack
     downloaded it (``cache_dir``, then the default caches: ``trainer.model_source``); nothing is downloaded.
@@ -47,11 +50,12 @@ def load_encoder(path: str | Path, cache_dir: str | Path | None = None) -> tuple
         from runtime import Encoder
     except ImportError as exc:
         raise RuntimeError(f"{path}: running an engine needs runtime.Encoder, which this checkout lacks ({exc})") from exc
-    encoder = Encoder(str(path))
+    encoder = Encoder(str(path), precision=precision)
     data = encoder.manifest.data
     info = {
         "kind": data["engine"]["kind"],
-        "precision": data["precision"],
+        "precision": encoder.engine_choice.precision,
+        "engine_choice": encoder.engine_choice.as_dict(),
         "architecture": data.get("architecture"),
         "embedding_dim": encoder.embedding_dim,
         "manifest_sha256": encoder.manifest.sha256,

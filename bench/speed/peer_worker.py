@@ -124,8 +124,10 @@ def _st_openvino(req: dict[str, Any]) -> tuple[Callable[[list[str]], Any], dict[
     """sentence-transformers ``backend="openvino"`` (optimum-intel export): as a user gets it (the CPU plugin picks
     its own inference precision: bf16 where the CPU has AMX or AVX512-BF16), pinned to f32 (``st-openvino-f32``), or
     its static int8 (``export_static_quantized_openvino_model``, NNCF calibrated on the bench's calibration texts, a
-    local dataset). The precision the plugin compiled for is reported, since it decides the speed."""
+    local dataset). The precision the plugin compiled for is reported, since it decides the speed. An INSTRUCTOR
+    prompt is left out of the pooling, as in ``_st_torch`` (the pooling runs in PyTorch after the OpenVINO model)."""
     from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling
 
     folder = _model_copy(req, "st-openvino-model")
     config = {"INFERENCE_NUM_THREADS": str(req["threads"])} if req["threads"] else {}
@@ -161,9 +163,13 @@ def _st_openvino(req: dict[str, Any]) -> tuple[Callable[[list[str]], Any], dict[
                                 model_kwargs={**kwargs, "file_name": file_name})
     info["file"] = file_name
     info["inference_precision"] = model[0].auto_model.request.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    for module in model:
+        if isinstance(module, Pooling):
+            module.include_prompt = False
+    prompt = req.get("prompt")
 
     def encode(texts: list[str]) -> Any:
-        return model.encode(texts, batch_size=req["batch_size"], convert_to_numpy=True)
+        return model.encode(texts, batch_size=req["batch_size"], prompt=prompt, convert_to_numpy=True)
 
     return encode, info
 

@@ -6,6 +6,8 @@ Contenders per model:
 - ``runtime-<precision>``: ``runtime.Encoder`` on an engine exported from that checkpoint (fp32, int8, ...;
   ``fp32.pt2`` etc.: the ``.pt2`` engine of that precision, compiled for the CPU; ``fp32-unfused`` etc.: the engine
   exported with ``--no-fuse-attention``, T5's attention as plain ops, the A/B of the fusion), with its node counts;
+- ``runtime-auto``: ``runtime.Encoder`` on the ``--precision auto`` bundle as a user runs it (the engine it picks on
+  this CPU, named in ``engine_choice``); ``runtime-auto/ENGINE``: one engine of that bundle (``openvino-bf16``, ...);
 - peers (``bench.speed.peers``, each in its own process, maybe its own venv): ``st-torch`` (sentence-transformers on
   PyTorch; an INSTRUCTOR instruction is its ``prompt``, left out of the pooling), ``st-onnx`` and ``st-onnx-qint8``
   (sentence-transformers ``backend="onnx"``: its Optimum export and its dynamic int8 export), ``fastembed`` (on that
@@ -17,7 +19,9 @@ whose min cosine is below 0.999, 0.99 for int8, is timed but marked ``counted: f
 ``--repeats`` rounds (the order rotates each round); the figure is the median round.
 Reported: docs/s, real tokens/s, padding waste, ratio to the reference, agreement with the reference, useful GFLOP/s
 (FLOPs of real tokens only: 2 x matmul weights x tokens + attention's QK^T and AV) and its share of the fp32 sgemm
-peak (numpy) and, for int8, of the int8 GEMM peak (ONNX Runtime MatMulInteger), both measured in the same run.
+peak (numpy) and of its own precision's peak (``peak``): the bf16 GEMM peak for bf16 engines (and peers OpenVINO
+compiled for bf16), OpenVINO's or ONNX Runtime's int8 GEMM peak for int8 ones (``bench.speed.cpu_peaks``,
+``bench.common.igemm_peak``), all measured in the same run.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bench.speed import peers
+from bench.speed.cpu_peaks import bf16_gemm_peak, openvino_int8_gemm_peak
 from bench.common import (
     MODELS,
     Workspace,
@@ -92,6 +97,9 @@ def our_contenders(model_name: str, ws: Workspace, items: list[Any], args: argpa
     encode = partial(reference.encode, items, batch_size=args.batch_size)
     out = [Contender("reference", encode, encode)]
     for precision in args.precisions:
+        if precision == "auto" or precision.startswith("auto/"):  # the --precision auto bundle: its pick, or one engine
+            out += auto_contender(model_name, ws, items, args, precision)
+            continue
         spec, dot, kind = precision.partition(".")  # "fp32.pt2": the .pt2 engine of that precision, for the CPU
         base, _, variant = spec.partition("-")  # "fp32-unfused": the export's --no-fuse-attention engine
         if variant not in ("", "unfused"):
@@ -104,6 +112,44 @@ def our_contenders(model_name: str, ws: Workspace, items: list[Any], args: argpa
         info = {"engine": str(engine), "encoder": enc, **({"graph": graph_nodes(engine)} if engine.suffix == ".onnx" else {})}
         out.append(Contender(f"runtime-{precision}", run, run, base, info=info))
     return out
+
+
+def auto_contender(model_name: str, ws: Workspace, items: list[Any], args: argparse.Namespace, precision: str) -> list[Contender]:
+    """``auto``: ``Encoder(bundle)`` as a user runs it (the engine its choice picks on this CPU); ``auto/ENGINE``:
+    one engine of the bundle (``Encoder(bundle, precision=ENGINE)``). An engine that cannot run here is skipped
+    with the reason."""
+    from runtime import Encoder
+    from runtime.bundle import EngineError
+
+    engine = ws.engine(model_name, "auto", ".onnx")
+    if engine is None:
+        return []
+    try:
+        enc = Encoder(engine, precision=precision.partition("/")[2] or "auto", intra_op_threads=args.threads)
+    except (EngineError, ValueError) as exc:  # not in this bundle, or cannot run on this CPU
+        ws.notes[f"{model_name} runtime-{precision}"] = str(exc)
+        print(f"runtime-{precision}: skipped ({exc})", file=sys.stderr)
+        return []
+    choice = enc.engine_choice
+    run = partial(enc.encode, items, batch_size=args.batch_size)
+    info = {"engine": str(engine), "encoder": enc, "engine_choice": choice.as_dict(), "backend": choice.backend}
+    return [Contender(f"runtime-{precision}", run, run, choice.precision, info=info)]
+
+
+def peak_of(c: Contender, peaks: dict[str, float]) -> tuple[str, float]:
+    """The GEMM peak a contender's share is taken of: the bf16 peak for bf16 engines (ours, or a peer that
+    OpenVINO compiled for bf16), OpenVINO's or ONNX Runtime's int8 peak for int8 engines, else the sgemm peak."""
+    backend = c.info.get("backend") or ("openvino" if "openvino" in c.name else "onnxruntime")
+    compiled = str(c.info.get("inference_precision", ""))
+    if c.precision == "int8":
+        kind = "int8_openvino" if backend == "openvino" else "int8"
+    elif c.precision == "bf16" or "bf16" in compiled or "bfloat16" in compiled:
+        kind = "bf16"
+    else:
+        kind = "sgemm"
+    if kind not in peaks:  # e.g. no OpenVINO here: the fp32 peak is the honest fallback, and the JSON says so
+        kind = "sgemm"
+    return kind, peaks[kind]
 
 
 def graph_nodes(engine: Path) -> dict[str, Any]:
@@ -179,6 +225,8 @@ def bench_model(model_name: str, docs: list[str], args: argparse.Namespace, ws: 
             "useful_gflops": gflops,
             "share_of_sgemm_peak": gflops / peaks["sgemm"],
             **({"share_of_int8_peak": gflops / peaks["int8"]} if c.precision == "int8" else {}),
+            "peak": {"kind": peak_of(c, peaks)[0], "value": peak_of(c, peaks)[1], "share": gflops / peak_of(c, peaks)[1]},
+            **({"engine_choice": c.info["engine_choice"]} if "engine_choice" in c.info else {}),
             **({"agreement": vars(agreements[c.name])} if c.name in agreements else {}),
             "counted": c.name not in agreements or agreements[c.name].passed,
             **({"peer": dict(c.info)} if c.name in args.peers else {}),
@@ -211,10 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     docs, corpus_note = load_corpus(args.data, args.docs, args.seed)
     env = environment()
     sgemm, igemm = sgemm_peak(), igemm_peak(threads=args.threads)
-    peaks = {"sgemm": sgemm["gflops_best"], "int8": igemm["gops_best"]}
+    bf16, ov_int8 = bf16_gemm_peak(threads=args.threads), openvino_int8_gemm_peak(threads=args.threads)
+    peaks = {"sgemm": sgemm["gflops_best"], "int8": igemm["gops_best"],
+             **({"bf16": bf16["gflops_best"]} if bf16 else {}), **({"int8_openvino": ov_int8["gops_best"]} if ov_int8 else {})}
+    print(f"bf16 GEMM peak: {bf16['gflops_best']:.1f} GFLOP/s ({bf16['how']}); " if bf16 else "bf16 GEMM peak: none (no native bf16 or no OpenVINO); ",
+          f"OpenVINO int8 GEMM peak: {ov_int8['gops_best']:.1f} GOP/s ({ov_int8['kernel']})" if ov_int8 else "OpenVINO int8 GEMM peak: none (no OpenVINO)",
+          file=sys.stderr)
     print(f"sgemm peak: {sgemm['gflops_best']:.1f} GFLOP/s (fp32, numpy {sgemm['n']}x{sgemm['n']}); int8 GEMM peak: "
           f"{igemm['gops_best']:.1f} GOP/s ({igemm['how']}; fp32 MatMul in the same harness {igemm['ort_sgemm_gflops_best']:.1f})", file=sys.stderr)
-    report: dict[str, Any] = {"environment": env, "threads": args.threads, "sgemm": sgemm, "int8_gemm": igemm, "corpus": corpus_note,
+    report: dict[str, Any] = {"environment": env, "threads": args.threads, "sgemm": sgemm, "int8_gemm": igemm,
+                              "bf16_gemm": bf16, "int8_gemm_openvino": ov_int8, "corpus": corpus_note,
                               "batch_size": args.batch_size, "repeats": args.repeats, "models": {}}
     for model_name in args.models:
         print(f"== {model_name}", file=sys.stderr)
@@ -224,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{model_name:7s} {name:20s} {r['docs_per_s']:9.1f} docs/s  {r['tokens_per_s']:10.0f} tok/s  "
                 f"x{r['ratio_to_reference']:.2f}  pad {r['padding_waste']:.1%}  {r['useful_gflops']:.1f} GFLOP/s "
-                f"({r['share_of_sgemm_peak']:.0%} of sgemm)" + (f"  min cos {cos:.5f}" if cos is not None else "")
+                f"({r['peak']['share']:.0%} of the {r['peak']['kind']} peak)" + (f"  min cos {cos:.5f}" if cos is not None else "")
+                + (f"  [{r['engine_choice']['engine']}]" if "engine_choice" in r else "")
                 + (f"  {r['graph']['nodes']} nodes" if "graph" in r else "")
                 + ("" if r["counted"] else "  NOT COUNTED: disagrees with the reference"),
                 file=sys.stderr,

@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", "--cache_dir", type=Path, help="where a hub name given as --engine was downloaded (upstream's --cache_dir)")
     p.add_argument("--instructions-for", "--prompt", help="instruction table (e.g. hkunlp/instructor-large) or 'none'. Default: by architecture")
     p.add_argument("--batch-size", "--batch_size", type=int, default=32, help="encode batch size. Default: 32")
+    p.add_argument("--precision", default="auto",
+                   help="the engine of a --precision auto bundle to evaluate (fp32, bf16, int8 or a name such as openvino-bf16). "
+                   "Default: auto, the one this CPU runs")
     p.add_argument("--name", help="model name written into the results. Default: the engine's file or folder name")
     p.add_argument("--compare", type=Path, help="JSON {task: expected main score}: adds expected and delta columns to the summary")
     args, unknown = p.parse_known_args(argv)
@@ -186,7 +189,7 @@ def evaluate(args: argparse.Namespace) -> int:
             raise MissingData(f"no task of --category {args.category} has files under {args.data_dir}; e.g. {not_run[0].reason}")
     else:
         tasks, not_run = load_tasks(args.tasks, args.data_dir), []
-    encoder, info = load_encoder(args.engine, args.cache_dir)
+    encoder, info = load_encoder(args.engine, args.cache_dir, args.precision)
     table = args.instructions_for or default_table(info.get("architecture"))
     instructions = Instructions(table)
     if not_run:
