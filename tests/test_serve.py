@@ -236,7 +236,7 @@ def one_running_one_queued(url: str, gated: GatedEncoder) -> Iterator[None]:
     results: dict[str, httpx.Response] = {}
 
     def post(name: str, text: str) -> None:
-        results[name] = httpx.post(f"{url}/v1/embeddings", json={"input": [text]}, timeout=30)
+        results[name] = httpx.post(f"{url}/v1/embeddings", json={"input": [text]}, timeout=120)
 
     first = threading.Thread(target=post, args=("first", "held at the engine"))
     first.start()
@@ -273,7 +273,7 @@ def test_a_request_waiting_for_room_is_let_in_when_the_queue_drains(tiny_engine,
     gated = GatedEncoder(Encoder(tiny_engine))
     app = create_app(ServeConfig(engine=tiny_engine, max_queue_tokens=4, max_wait_ms=0, queue_timeout=60), opener=lambda: [gated])
     answer: dict[str, httpx.Response] = {}
-    waiter = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/v1/embeddings", json={"input": ["waits"]}, timeout=60)))
+    waiter = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/v1/embeddings", json={"input": ["waits"]}, timeout=120)))
     with live_server(app) as url:
         with one_running_one_queued(url, gated):
             with pytest.raises(httpx.TimeoutException):  # the queue stays full while the gate is shut: it waits
