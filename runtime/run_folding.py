@@ -55,7 +55,6 @@ class RunFolder:
         self._table = np.full(0x110000, -1, dtype=np.int8)  # code point -> class, -1 until first seen
         self._periods: dict[str, tuple[int, int] | None] = {}  # character -> (period, longest piece) of its runs
         self._scores: dict[str, float] | None = None
-        self._first_tokens: int | None = None
 
     # -- characters --------------------------------------------------------------------------------------------------
 
@@ -113,6 +112,7 @@ class RunFolder:
         return self._periods[ch]
 
     def _repeat_end(self, text: str, start: int, stop: int, ch: str) -> int:
+        """The end (at most ``stop``) of the run of ``ch`` that goes on at ``start``."""
         pos, cp = start, ord(ch)
         while pos < stop:
             points = np.frombuffer(text[pos : min(stop, pos + BLOCK)].encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
@@ -122,24 +122,24 @@ class RunFolder:
             pos += len(points)
         return stop
 
-    def _cut_repeat(self, text: str, start: int, end: int) -> str:
+    def _cut_repeat(self, text: str, start: int, end: int, first_tokens: int) -> str | None:
         """A run of one character cut to the same length modulo its period, long enough for ``first_tokens`` pieces,
-        if a run ``period`` x 4 longer gives the same first tokens; else the run itself."""
+        if a run ``period`` x 4 longer gives the same first tokens; else None."""
         ch, length = text[start], end - start
         known = self._period(ch)
-        if known is None or self._first_tokens is None:
-            return text[start:end]
+        if known is None:
+            return None
         period, longest = known
-        base = (self._first_tokens + 8) * longest + REPEAT
+        base = (first_tokens + 8) * longest + REPEAT
         if length <= base + 4 * period:
-            return text[start:end]
+            return None
         cut = base + (length - base) % period
         left, right = text[max(0, start - PROBE) : start], text[end : end + PROBE]
         got, want = self._tok.encode_batch([left + ch * cut + right, left + ch * (cut + 4 * period) + right],
                                            add_special_tokens=False)
-        n = self._first_tokens + 8
+        n = first_tokens + 8
         if got.ids[:n] != want.ids[:n] or got.ids[-8:] != want.ids[-8:]:
-            return text[start:end]
+            return None
         return ch * cut
 
     # -- runs --------------------------------------------------------------------------------------------------------
@@ -194,18 +194,19 @@ class RunFolder:
         if not self.enabled:
             return (text, True) if budget is None or len(text) <= budget else (text[:budget], False)
         out: list[str] = []
-        self._first_tokens = first_tokens if not self._wordpiece else None
-        _, complete = self._fold_range(text, 0, len(text), self._absorbing, out, 0, budget)
+        repeats = first_tokens if not self._wordpiece else None  # WordPiece: a repeated character is a WORD run
+        _, complete = self._fold_range(text, 0, len(text), self._absorbing, out, 0, budget, repeats)
         return "".join(out), complete
 
     def _fold_range(self, text: str, start: int, stop: int, absorbing: tuple[int, ...], out: list[str], written: int,
-                    budget: int | None) -> tuple[int, bool]:
+                    budget: int | None, first_tokens: int | None = None) -> tuple[int, bool]:
         """Append ``text[start:stop]`` to ``out`` (which holds ``written`` characters) with its long runs of
-        ``absorbing`` kinds folded; (characters in ``out``, False when the budget ran out first)."""
+        ``absorbing`` kinds (and, given ``first_tokens``, of one repeated character) folded; (characters in
+        ``out``, False when the budget ran out first)."""
         pos = start
         while pos < stop:
             points, classes = self._block_classes(text[pos : min(stop, pos + BLOCK)])
-            block = _Block(classes, absorbing, points if self._first_tokens and absorbing is self._absorbing else None)
+            block = _Block(classes, absorbing, points if first_tokens else None)
             next_pos, i = pos + block.size, 0
             while i < block.size:
                 if budget is not None and written >= budget:
@@ -219,7 +220,10 @@ class RunFolder:
                         end = pos + repeat[1]
                         if end == pos + block.size and end < stop:
                             end = self._repeat_end(text, end, stop, text[pos + i])
-                        piece = self._cut_repeat(text, pos + i, end)
+                        piece = self._cut_repeat(text, pos + i, end, first_tokens) if first_tokens else None
+                        if piece is None:  # kept as it is, up to the budget
+                            end = end if budget is None else min(end, pos + i + budget - written)
+                            piece = text[pos + i : end]
                         out.append(piece)
                         written += len(piece)
                         if end >= pos + block.size:
@@ -266,9 +270,8 @@ class _Block:
         if points is not None and len(points) >= REPEAT:  # runs of one known character, REPEAT long or more
             edges = np.flatnonzero(points[1:] != points[:-1]) + 1
             bounds = np.stack([np.r_[0, edges], np.r_[edges, len(points)]], axis=1)
-            long = bounds[(bounds[:, 1] - bounds[:, 0] >= REPEAT) | (bounds[:, 1] == len(points))]
-            long = long[~np.isin(classes[long[:, 0]], absorbing)]
-            self._repeats = long[(long[:, 1] - long[:, 0] >= REPEAT) | (long[:, 1] == len(points))]
+            long = bounds[(bounds[:, 1] - bounds[:, 0] >= REPEAT) | (bounds[:, 1] == len(points))]  # or going on
+            self._repeats = long[~np.isin(classes[long[:, 0]], absorbing)]
         self._absorbing = absorbing
         self._absorb_at = np.flatnonzero(np.isin(classes, absorbing))
         self._real_at = np.flatnonzero(classes != DROP)  # characters that are not removed
