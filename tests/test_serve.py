@@ -153,6 +153,26 @@ def test_bad_requests_get_openai_style_errors(server, path, body, status, words)
     assert httpx.get(f"{server}/health").status_code == 200
 
 
+@pytest.mark.parametrize("limit", [1000, 5000])
+def test_json_depth_rule_holds_whatever_the_recursion_limit(limit):
+    """The lone-surrogate path parses with the standard library, whose depth limit is the interpreter's recursion
+    limit; torch's compiler raises that to 2000, which once let a 1,100-deep body through there. Both paths must
+    refuse past 1,024 levels and take a 500-deep value, whoever set the limit."""
+    from runtime.serve.errors import ApiError
+    from runtime.serve.requests import parse_json
+
+    saved = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit)
+    try:
+        for text in (b'"\\ud800"', b'"x"'):
+            with pytest.raises(ApiError, match="nested too deeply"):
+                parse_json(b'{"input": [' + text + b'], "n": ' + b"[" * 1100 + b"]" * 1100 + b"}")
+            body = parse_json(b'{"input": [' + text + b'], "n": ' + b"[" * 500 + b"]" * 500 + b', "m": "[[{"}')
+            assert body["m"] == "[[{" and len(body["input"]) == 1
+    finally:
+        sys.setrecursionlimit(saved)
+
+
 @pytest.mark.parametrize("method,path,status", [("GET", "/nowhere", 404), ("GET", "/v1/embeddings", 405), ("DELETE", "/embed", 405)])
 def test_framework_errors_are_json(server, method, path, status):
     r = httpx.request(method, f"{server}{path}")
