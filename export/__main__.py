@@ -13,7 +13,7 @@ from export.tensorrt import DEFAULT_TIMING_CACHE
 from runtime.bundle import EngineError
 from runtime.deps import MissingDependency
 from runtime.exit_codes import ENVIRONMENT, EPILOG, INPUT, USAGE, run_cli
-from runtime.locks import LockHeld
+from runtime.files.locks import LockHeld
 from runtime.manifest_schema import PRECISIONS
 from trainer.checkpoint import CheckpointError
 

@@ -317,8 +317,8 @@ def export_auto_bundle(checkpoint: str | Path, out: str | Path, opts: Any) -> di
     from export.manifest import build_manifest, onnx_record
     from export.onnx_graph import export_onnx
     from runtime.bundle import engine_kind, manifest_path, tokenizer_path
-    from runtime.atomic import atomic_write_text
-    from runtime.locks import ExclusiveLock, owned_temp_dir
+    from runtime.files.atomic import atomic_write_text
+    from runtime.files.locks import ExclusiveLock, owned_temp_dir
     from trainer.model import InstructorModel
 
     out = Path(out)

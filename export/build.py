@@ -36,7 +36,7 @@ from export.onnx_graph import DEFAULT_OPSET, export_onnx, ff_width
 from export.parity import GATES, GateError, ParityReport, calibration_inputs, check_gate, compare, run_batches
 from export.progress import Progress
 from export.tensorrt import DEFAULT_TIMING_CACHE, Profile
-from runtime.atomic import atomic_write_text
+from runtime.files.atomic import atomic_write_text
 from runtime.bundle import (
     bundle_files,
     engine_kind,
@@ -46,7 +46,7 @@ from runtime.bundle import (
     tokenizer_path,
 )
 from runtime.deps import MissingDependency, install_hint
-from runtime.locks import ExclusiveLock, owned_temp_dir
+from runtime.files.locks import ExclusiveLock, owned_temp_dir
 from runtime.manifest_schema import PRECISIONS, PRECISIONS_BY_KIND, RECORD_KEY
 from trainer.model import InstructorModel
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]

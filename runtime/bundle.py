@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from runtime import manifest_schema as schema
-from runtime.atomic import atomic_write_text
+from runtime.files.atomic import atomic_write_text
 from runtime.manifest_schema import ENGINE_KINDS, INPUT_NAMES, MANIFEST_FORMAT, OUTPUT_NAME, ManifestFieldError
 from runtime.tokenization import InstructionTokenizer
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from runtime.atomic import atomic_write_text
+from runtime.files.atomic import atomic_write_text
 from runtime.bundle import EngineError, Manifest, cache_dir, verify_engine_file
 from runtime.deps import MissingDependency, install_hint
 
@@ -218,9 +218,9 @@ def choose(manifest: Manifest, precision: str = "auto", device: str | None = Non
     if not ok:
         why = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "none of that precision"
         raise EngineError(f"{manifest.engine}: no CPU engine of precision {precision!r} can run here ({why})")
-    if len(ok) == 1:
-        return _choice(ok[0], "the only engine of that precision that can run here", {}, skipped)
-    seconds, failed, how = _measured(manifest, ok, threads, measure)
+    if len(ok) == 1 and ok[0] is main:  # nothing to race, and the fp32 ONNX engine is the bundle's own
+        return _choice(main, "the only engine of that precision that can run here", {}, skipped)
+    seconds, failed, how = _measured(manifest, ok, threads, measure)  # one engine on another CPU is still gated here
     skipped.update(failed)
     timed = {k: v for k, v in seconds.items() if k in {c.name for c in ok} and k not in failed}
     if not timed:

@@ -14,19 +14,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from runtime import exit_codes
-from runtime.atomic import publish
+from runtime.files.atomic import publish
 from runtime.bundle import EngineError
 from runtime.chunking import LONG_TEXT, POOLING, WindowTooSmall, max_overlap
 from runtime.deps import MissingDependency
 from runtime.batching import GPU_MAX_TOKENS
 from runtime.encoder import DEFAULT_MAX_TOKENS, Encoder, Window
 from runtime.job import CHUNK_OUTPUT, DEVICES, ON_ERROR, EncodeJob, RayOptions, RunSummary
-from runtime.locks import ExclusiveLock, LockHeld
+from runtime.files.locks import ExclusiveLock, LockHeld
 from runtime.output_dtype import NEEDS_RANGES, OUTPUT_DTYPES, calibration_ranges, load_ranges, ranges_path, save_ranges
-from runtime.readers import InputError, Record, Skipped, input_format, read_records
-from runtime.resume import ResumeError, ShardStore, parts_dir, records_digest
+from runtime.files.readers import InputError, Record, Skipped, input_format, read_records
+from runtime.files.resume import ResumeError, ShardStore, parts_dir, records_digest
 from runtime.tokenization import InstructionTokenizer
-from runtime.writers import check_output, write_output
+from runtime.files.writers import check_output, write_output
 
 EXIT_INPUT = exit_codes.INPUT  # bad input data (the message names file, line and field)
 EXIT_SETUP = exit_codes.USAGE  # engine missing/corrupt/mismatched, bad options, output in the way

@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.atomic import atomic_write_text
+from runtime.files.atomic import atomic_write_text
 from runtime.chunking import DEFAULT_OVERLAP, LONG_TEXT, POOLING
 from runtime.encoder import DEFAULT_MAX_PADDING, DEFAULT_WINDOW
 from runtime.output_dtype import NEEDS_RANGES, OUTPUT_DTYPES
-from runtime.readers import MAX_ERRORS, MAX_LISTED, ReaderOptions, Skipped
+from runtime.files.readers import MAX_ERRORS, MAX_LISTED, ReaderOptions, Skipped
 from runtime.tokenization import has_lone_surrogate
 
 DEVICES = ("auto", "cpu", "cuda")

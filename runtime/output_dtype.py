@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.atomic import atomic_writer
+from runtime.files.atomic import atomic_writer
 
 OUTPUT_DTYPES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 NEEDS_RANGES = ("int8", "uint8")

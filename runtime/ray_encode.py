@@ -30,17 +30,17 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from runtime.atomic import atomic_write_text
+from runtime.files.atomic import atomic_write_text
 from runtime.bundle import EngineError, load_manifest, tokenizer_path
 from runtime.deps import require
 from runtime.job import EncodeJob, RayOptions, RunSummary
-from runtime.locks import owned_temp_dir
+from runtime.files.locks import owned_temp_dir
 from runtime.output_dtype import load_ranges
 from runtime.chunking import WindowTooSmall
 from runtime.encode import check_chunk_overlap
-from runtime.readers import InputError, ReaderOptions, Skipped, Span, UnusedInstruction, input_format, plan_spans, read_records
+from runtime.files.readers import InputError, ReaderOptions, Skipped, Span, UnusedInstruction, input_format, plan_spans, read_records
 from runtime.tokenization import Encoded, InstructionTokenizer
-from runtime.writers import embedding_array
+from runtime.files.writers import embedding_array
 
 READ_BLOCK_ROWS = 4096
 SKIPPED_DIR = "skipped"

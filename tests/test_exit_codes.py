@@ -16,8 +16,8 @@ import pytest
 from runtime import demo, encode, exit_codes
 from runtime.deps import MissingDependency
 from runtime.exit_codes import ENVIRONMENT, INPUT, INTERNAL, INTERRUPTED, OK, USAGE, classify, run_cli
-from runtime.locks import ExclusiveLock, LockHeld
-from runtime.readers import InputError
+from runtime.files.locks import ExclusiveLock, LockHeld
+from runtime.files.readers import InputError
 from tests.test_runtime import ROOT
 
 KNOWN = {InputError: INPUT, LockHeld: ENVIRONMENT, ValueError: USAGE}
@@ -171,7 +171,7 @@ def test_encode_missing_optional_package_is_3(tiny_engine, tmp_path, capsys, mon
 
 
 def test_encode_permission_denied_is_3(tiny_engine, tmp_path, capsys, monkeypatch):
-    from runtime import resume
+    from runtime.files import resume
 
     def denied(self, *args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self.shard_path(0)))

@@ -20,7 +20,7 @@ import pytest
 import export.build as build
 from export.__main__ import main as export_main
 from export.progress import Progress
-from runtime.locks import OWNER_FILE
+from runtime.files.locks import OWNER_FILE
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def test_a_killed_exports_temp_folder_is_removed_by_the_next_export(tmp_path):
 
 
 def test_a_live_exports_temp_folder_is_left_alone(tmp_path):
-    from runtime.locks import owned_temp_dir, remove_stale_dirs
+    from runtime.files.locks import owned_temp_dir, remove_stale_dirs
 
     with owned_temp_dir(tmp_path, ".x.onnx.tmp-") as live:
         old = time.time() - 60
@@ -143,7 +143,7 @@ def test_a_missing_checkpoint_is_bad_usage(tmp_path, capsys):
 
 
 def test_another_export_to_the_same_out_is_the_environment(tmp_path, capsys, monkeypatch):
-    from runtime.locks import ExclusiveLock
+    from runtime.files.locks import ExclusiveLock
 
     out = tmp_path / "x.onnx"
     _no_load(monkeypatch)

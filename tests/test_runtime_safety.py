@@ -483,7 +483,7 @@ def test_an_output_that_is_a_folder_is_refused(tiny_engine, tmp_path, capsys):
 
 @pytest.mark.parametrize("code,what", [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")])
 def test_disk_errors_end_in_a_message_and_the_same_command_resumes(tiny_engine, tmp_path, capsys, monkeypatch, code, what):
-    from runtime import resume
+    from runtime.files import resume
 
     src = write_jsonl(tmp_path / "d.jsonl", texts(30, "alpha"))
     out = tmp_path / "o.npy"

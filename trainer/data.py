@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from runtime.readers import parse_json_line
+from runtime.files.readers import parse_json_line
 from runtime.tokenization import has_lone_surrogate
 
 SIDES = ("query", "pos", "neg")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from runtime.atomic import atomic_write_text
+from runtime.files.atomic import atomic_write_text
 from trainer.checkpoint import CheckpointError
 from trainer.divergence import weights_finite
 

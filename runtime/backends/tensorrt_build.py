@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.atomic import atomic_write_bytes, atomic_write_text
+from runtime.files.atomic import atomic_write_bytes, atomic_write_text
 from runtime.backends.cuda import current_device
 from runtime.manifest_schema import seal
 from runtime.bundle import (

@@ -23,9 +23,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from runtime.atomic import atomic_write_text, atomic_writer
+from runtime.files.atomic import atomic_write_text, atomic_writer
 from runtime.batching import BatchStats
-from runtime.readers import Record
+from runtime.files.readers import Record
 
 STATE_FORMAT = "instructor-encode-state/2"
 COUNTS = ("rows", "tokens", "padded_tokens", "truncated", "batches", "chunks", "split_rows")

@@ -5,7 +5,7 @@
 ``.parquet``: columns ``line`` (int64, the source line or row number), ``id`` (string, with ``--id-field``),
 ``chunk`` (int32) and ``span`` (two int32: the chunk's token span) with ``--chunk-output all``, and ``embedding``
 (a fixed-size list of the output dtype), one row group per shard. Both are written to a temp name and fsynced;
-the caller moves them into place with ``runtime.atomic.publish``. Shards hold float32; the output dtype is applied
+the caller moves them into place with ``runtime.files.atomic.publish``. Shards hold float32; the output dtype is applied
 here (``runtime.output_dtype``), with the same ranges for every shard.
 """
 
