@@ -223,6 +223,16 @@ def test_auto_bundle_runs_the_races_winner_and_each_engine_matches(auto_bundle, 
             assert parity.min_cos >= 0.999, c["name"]
 
 
+def test_openvino_compiles_one_stream_of_every_thread_by_default():
+    """LATENCY by default (faster on an idle CPU, measured in the backend's doc); streams only when asked."""
+    from runtime.backends.openvino import OpenVinoOptions, compile_config
+
+    assert compile_config(OpenVinoOptions("bf16", threads=2)) == {
+        "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "2"}
+    assert compile_config(OpenVinoOptions("f32", streams=2))["NUM_STREAMS"] == "2"
+    assert compile_config(OpenVinoOptions("f32", streams=0))["PERFORMANCE_HINT"] == "THROUGHPUT"
+
+
 def test_openvino_run_many_keeps_the_order_of_run(auto_bundle, golden_inputs):
     from runtime.backends.openvino import OpenVinoBackend, OpenVinoOptions
 
@@ -247,6 +257,22 @@ def test_another_cpu_measures_here_and_caches(auto_bundle, monkeypatch, capsys):
     assert "measuring" in capsys.readouterr().err
     with Encoder(auto_bundle) as enc:
         assert enc.engine_choice.name == first.name and "cached" in enc.engine_choice.how
+
+
+def test_one_engine_asked_for_on_another_cpu_is_still_gated_there(auto_bundle, monkeypatch):
+    """Asking for one engine by name leaves nothing to race, but on a CPU the export never saw its kernels round
+    differently: it is checked against the bundle's reference vectors before it runs, and refused if it fails."""
+    from runtime import Encoder
+
+    monkeypatch.setattr(cpu_engines, "cpu_signature", lambda: {"cpu": "a CPU the exporter never saw", "flags": ["avx2"]})
+    monkeypatch.setattr(cpu_engines, "cache_dir", lambda: auto_bundle.parent / "no-cache")
+    with Encoder(auto_bundle, precision="openvino-f32") as enc:
+        assert enc.engine_choice.name == "openvino-f32" and "measured here" in enc.engine_choice.how
+    real = cpu_engines.reference
+    monkeypatch.setattr(cpu_engines, "reference", lambda m: (real(m)[0], -real(m)[1]))  # vectors it cannot match
+    monkeypatch.setattr(cpu_engines, "cache_dir", lambda: auto_bundle.parent / "no-cache-2")
+    with pytest.raises(EngineError, match="openvino-f32"):
+        Encoder(auto_bundle, precision="openvino-f32")
 
 
 def test_a_replaced_engine_file_is_refused(auto_bundle, tmp_path):

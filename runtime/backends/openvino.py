@@ -10,11 +10,12 @@ Compile settings, as OpenVINO's CPU plugin documents them and optimum-intel sets
   with AMX or AVX512-BF16 and f32 elsewhere; the backend never relies on that default (an f32 engine must stay
   f32, and its parity gate is the fp32 one), and it reads back what was compiled: a bf16 request that compiles to
   f32 (no native bf16) is refused rather than reported as bf16.
-- ``PERFORMANCE_HINT=THROUGHPUT`` (``streams=0``, the default): the plugin splits the threads into streams
-  (e.g. 2 streams of 1 thread on 2 cores) and ``run_many`` keeps one batch in flight per stream, so the cores
-  never wait at the barriers of small ops (layer norms, softmax, adds: half the time of a MiniLM batch in bf16).
-  Measured on MiniLM bf16, 2-core Xeon with AMX, same batches: 1.4-1.6x the docs/s of one stream of 2 threads
-  (under load; see docs/export.md). ``streams=1``: ``PERFORMANCE_HINT=LATENCY``, every thread on each call.
+- ``PERFORMANCE_HINT=LATENCY`` (``streams=1``, the default): one stream of every thread on each batch, the way
+  optimum-intel compiles by default. On an idle 2-core Xeon with AMX (MiniLM bf16, the benchmark corpus, batch 32)
+  it ran 441-520 docs/s where 2 streams of 1 thread ran 332-362, in alternating runs. Under load from other
+  processes it was the other way round (2 streams 1.4-1.6x one, load average 10-17): streams do not wait for each
+  other at the barriers of small ops when a core is taken away. ``streams=0``: ``THROUGHPUT``, the plugin's choice
+  of streams; ``N``: N streams; with more than one, ``run_many`` keeps one batch in flight per stream.
   ``INFERENCE_NUM_THREADS`` from ``threads``.
 - Dynamic batch and sequence: each new shape is planned once and kept in the plugin's runtime cache.
 """
@@ -40,7 +41,7 @@ class OpenVinoOptions:
 
     inference_precision: str = "f32"  # "f32" or "bf16"
     threads: int = 0  # 0: OpenVINO's default (every core)
-    streams: int = 0  # 0: the plugin's THROUGHPUT choice; 1: LATENCY (one stream of every thread); N: N streams
+    streams: int = 1  # 1: LATENCY (one stream of every thread); 0: the plugin's THROUGHPUT choice; N: N streams
 
 
 def openvino_module() -> Any:
