@@ -5,8 +5,8 @@
 #
 # Usage: bench/gpu_check.sh [--dry-run] DIR --bundle OUT
 #   DIR        work folder: per-step JSON, logs/, artifacts/ (checkpoints, engines, compiler caches; GBs)
-#   --bundle   what comes back from the GPU machine: OUT/gpu_check.json, gpu_check.md and logs.tgz (3 files, each
-#              under 16 MiB), rewritten after every step, so a run cut short still brings back what it measured
+#   --bundle   the results to keep: OUT/gpu_check.json, gpu_check.md and logs.tgz (3 files, each under 16 MiB),
+#              rewritten after every step, so a run cut short still holds what it measured
 #   --dry-run  every step on the CPU with the tiny fixture (what CI and bench/gpu_rehearsal.sh run)
 # The steps, limits and budget (470 s: under 8 minutes) are in bench/speed/gpu_check.py; `--help` lists the options.
 # Exit code: 0 every step passed; 2 bad usage; 3 no CUDA GPU (without --dry-run); 4 a step failed or ran out of

@@ -4,7 +4,7 @@
 #
 # Usage: bench/gpu_rehearsal.sh [--setup-only] DIR OUT
 #   DIR   artifacts of the dry run (checkpoints, engines, per-step JSON and logs)
-#   OUT   the bundle that would come back from the GPU machine: gpu_check.json and logs.tgz
+#   OUT   the results bundle, as a GPU run writes it: gpu_check.json and logs.tgz
 #   --setup-only   build the venv and stop (the download is the long part: torch 2.11.0 from PyPI is a CUDA build)
 #
 # It builds VENV (default .venv-gpu-rehearsal, git-ignored) with PYTHON (default python3.12: the image's Python is

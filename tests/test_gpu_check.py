@@ -113,7 +113,7 @@ def test_bundle_stays_within_what_comes_back(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(10):  # 10 logs of 4 MiB of noise: 40 MiB that gzip cannot shrink
         (out / "logs" / f"step{i}.log").write_bytes(rng.bytes(4 * 2**20)[:-8] + b"LAST-END")
-    (out / "artifacts" / "big.pt2").write_bytes(b"\0" * 2**20)  # artifacts never travel
+    (out / "artifacts" / "big.pt2").write_bytes(b"\0" * 2**20)  # artifacts never enter the bundle
     (out / "steps.jsonl").write_text(json.dumps({"step": "env", "rc": 0, "seconds": 1}) + "\n")
     (out / "env.json").write_text(json.dumps({"gpu": None, "dry_run": True}))
     write_bundle(out, bundle)

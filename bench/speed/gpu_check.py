@@ -1,7 +1,7 @@
 """``python -m bench.speed.gpu_check [--dry-run] DIR --bundle OUT``: the GPU check's steps, their time limits and
-the bundle that comes back (``bench/gpu_check.sh`` runs this; docs/benchmarks.md, "GPU check").
+the bundle of results it writes (``bench/gpu_check.sh`` runs this; docs/benchmarks.md, "GPU check").
 
-GPU time is scarce: the check gets one run of under 8 minutes, and must bring back figures even if every compile
+GPU time is scarce: the check gets one run of under 8 minutes, and must yield figures even if every compile
 fails. So the eager baselines run first, the builds after them, and each step:
 - runs in its own process group with a time limit, cut to what is left of the budget minus what the steps after
   it need (``reserve``), and is killed (TERM, then KILL) at its limit; its JSON, written as it measures, stays;
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 BUNDLE_FILES = ("gpu_check.json", "gpu_check.md", "logs.tgz")
-MAX_BUNDLE_FILE = 16 * 2**20  # what comes back from the GPU machine: at most 8 files, each under 16 MiB
+MAX_BUNDLE_FILE = 16 * 2**20  # the results bundle stays small: at most 8 files, each under 16 MiB
 LOG_TAIL = 2 * 2**20  # bytes kept of one log (its end: where a failure shows)
 LOGS_TOTAL = 12 * 2**20  # bytes of logs in logs.tgz at most, before compression (a share each when many)
 BUDGET_S = 470  # the real run: under 8 minutes with the machine's start-up and the bundle's copy
@@ -361,7 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("dir", type=Path, help="work folder: per-step JSON, logs/, artifacts/ (checkpoints, engines, caches)")
-    p.add_argument("--bundle", type=Path, required=True, help="folder of what comes back: gpu_check.json, gpu_check.md, logs.tgz")
+    p.add_argument("--bundle", type=Path, required=True, help="folder of the results to keep: gpu_check.json, gpu_check.md, logs.tgz")
     p.add_argument("--dry-run", action="store_true", help="every step on the CPU with the tiny fixture: checks the check, not the GPU")
     p.add_argument("--budget", type=float, help="seconds for the whole check. Default: 470 (dry run: 4 x 470)")
     p.add_argument("--debug", action="store_true", help="tracebacks on stderr")
@@ -372,7 +372,7 @@ def check(args: argparse.Namespace) -> int:
     out = args.dir.resolve()
     bundle = args.bundle.resolve()
     if out == bundle or out in bundle.parents or bundle in out.parents:
-        raise ValueError(f"--bundle {args.bundle} must not be DIR, inside it or hold it: DIR holds GBs of artifacts, the bundle what comes back")
+        raise ValueError(f"--bundle {args.bundle} must not be DIR, inside it or hold it: DIR holds GBs of artifacts, the bundle only the results")
     out.mkdir(parents=True, exist_ok=True)
     art = out / "artifacts"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
