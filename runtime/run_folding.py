@@ -222,7 +222,7 @@ class RunFolder:
                             end = self._repeat_end(text, end, stop, text[pos + i])
                         piece = self._cut_repeat(text, pos + i, end, first_tokens) if first_tokens else None
                         if piece is None:  # kept as it is, up to the budget
-                            end = end if budget is None else min(end, pos + i + budget - written)
+                            end = _capped(end, pos + i, budget, written)
                             piece = text[pos + i : end]
                         out.append(piece)
                         written += len(piece)
@@ -232,7 +232,7 @@ class RunFolder:
                         i = end - pos
                         continue
                 if j > i:  # characters that give tokens of their own: copied
-                    j = j if budget is None else min(j, i + budget - written)
+                    j = _capped(j, i, budget, written)
                     out.append(text[pos + i : pos + j])
                     written += j - i
                     i = j
@@ -247,7 +247,7 @@ class RunFolder:
                     if not complete:
                         return written, False
                 elif piece is None:  # kept as it is, up to the budget
-                    end = end if budget is None else min(end, pos + i + budget - written)
+                    end = _capped(end, pos + i, budget, written)
                     out.append(text[pos + i : end])
                     written += end - pos - i
                 else:
@@ -259,6 +259,11 @@ class RunFolder:
                 i = end - pos
             pos = next_pos
         return written, True
+
+
+def _capped(end: int, start: int, budget: int | None, written: int) -> int:
+    """``end``, or sooner where copying ``[start, end)`` would take ``out`` past ``budget`` characters."""
+    return end if budget is None else min(end, start + budget - written)
 
 
 class _Block:

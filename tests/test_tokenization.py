@@ -117,14 +117,18 @@ def short_window_pairs():
     return pairs
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(PIECES), min_size=50, max_size=1500), st.sampled_from(["", "Represent the text: "]))
-def test_prefix_rule_gives_the_whole_texts_ids(short_window_pairs, pieces, instruction):
-    text = "".join(pieces)
-    for bounded, whole in short_window_pairs:
+def _assert_same_ids(pairs, text: str, instruction: str) -> None:
+    """Each bounded tokenizer gives the ids and truncation flags its whole-text twin gives."""
+    for bounded, whole in pairs:
         item = [instruction, text] if instruction else text
         a, b = bounded.encode([item]), whole.encode([item])
         assert a.ids == b.ids and a.truncated.tolist() == b.truncated.tolist()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), min_size=50, max_size=1500), st.sampled_from(["", "Represent the text: "]))
+def test_prefix_rule_gives_the_whole_texts_ids(short_window_pairs, pieces, instruction):
+    _assert_same_ids(short_window_pairs, "".join(pieces), instruction)
 
 
 def test_a_huge_row_is_tokenized_from_a_short_prefix(tok):
@@ -232,11 +236,7 @@ PIECES_LONG = PIECES + ["ðŸ˜€" * 3000, "\x01" * 3000, " " * 3000, "." * 3000, "ä
 @given(st.lists(st.sampled_from(PIECES_LONG), min_size=3, max_size=40), st.sampled_from(["", "Represent the text: "]))
 def test_folding_rule_gives_the_whole_texts_ids(short_window_pairs, pieces, instruction):
     """Generated rows mixing ordinary pieces with runs of thousands of characters of every foldable kind."""
-    text = "".join(pieces)
-    for bounded, whole in short_window_pairs:
-        item = [instruction, text] if instruction else text
-        a, b = bounded.encode([item]), whole.encode([item])
-        assert a.ids == b.ids and a.truncated.tolist() == b.truncated.tolist()
+    _assert_same_ids(short_window_pairs, "".join(pieces), instruction)
 
 
 def test_untruncated_rows_fold_only_what_keeps_every_token(short_window_pairs):
