@@ -40,6 +40,7 @@ import numpy as np
 
 from runtime.files.atomic import atomic_write_text
 from runtime.bundle import EngineError, Manifest, cache_dir, verify_engine_file
+from runtime import parity
 from runtime.deps import MissingDependency, install_hint
 
 FIELD = "cpu_engines"
@@ -326,22 +327,9 @@ def reference(manifest: Manifest) -> tuple[list[Any], np.ndarray]:
 
 
 def gate_failures(reference_vectors: np.ndarray, candidate: np.ndarray, gate: dict[str, float]) -> list[str]:
-    """The exporter's gate (``export.parity``) on vectors computed here: row-wise min cosine (a NaN/inf row counts
+    """The exporter's gate (``runtime.parity``) on vectors computed here: row-wise min cosine (a NaN/inf row counts
     as -1, rows both zero as 1) and max abs difference; the failures as sentences."""
-    ref, cand = reference_vectors.astype(np.float64), candidate.astype(np.float64)
-    finite = np.isfinite(cand).all(axis=1)
-    cand = np.where(finite[:, None], cand, 0.0)
-    denom = np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-30)
-    cos = np.where(finite, (ref * cand).sum(axis=1) / denom, -1.0)
-    both_zero = (np.abs(ref).max(axis=1) == 0) & (np.abs(cand).max(axis=1) == 0)
-    min_cos = float(np.where(both_zero, 1.0, cos).min())
-    max_abs = float(np.where(finite[:, None], np.abs(ref - cand), np.inf).max())
-    failures = []
-    if "min_cos" in gate and min_cos < gate["min_cos"]:
-        failures.append(f"min cosine {min_cos:.6f} < {gate['min_cos']}")
-    if "max_abs" in gate and max_abs > gate["max_abs"]:
-        failures.append(f"max abs diff {max_abs:.3g} > {gate['max_abs']}")
-    return failures
+    return parity.gate_failures(parity.compare(reference_vectors, candidate), gate)
 
 
 def run_each(backend: Any, batches: list[dict[str, np.ndarray]]) -> Iterator[np.ndarray]:
