@@ -16,21 +16,11 @@ back to f32 shows.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 
-
-def _best_seconds(fn: Any, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from bench.common import timed
 
 
 def _openvino_gemm(model: Any, x: np.ndarray, precision: str, threads: int, repeats: int) -> tuple[float, str]:
@@ -43,12 +33,13 @@ def _openvino_gemm(model: Any, x: np.ndarray, precision: str, threads: int, repe
     if threads:
         config["INFERENCE_NUM_THREADS"] = str(threads)
     request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+    request.infer([x])  # warm-up
     best, kernel = float("inf"), "unknown"
-    for _ in range(repeats + 1):  # the first is the warm-up
+    for _ in range(repeats):
         request.infer([x])
         for p in request.get_profiling_info():
             if p.node_type.startswith(("FullyConnected", "MatMul")):
-                best, kernel = min(best, p.real_time.total_seconds()) if _ else best, p.exec_type
+                best, kernel = min(best, p.real_time.total_seconds()), p.exec_type
     return best, kernel
 
 
@@ -73,7 +64,8 @@ def bf16_gemm_peak(n: int = 4096, repeats: int = 5, threads: int = 0) -> dict[st
         if threads:
             torch.set_num_threads(threads)
         a, b = (torch.from_numpy(rng.standard_normal((n, n), dtype=np.float32)).bfloat16() for _ in range(2))
-        out["torch_gflops_best"] = 2 * n**3 / _best_seconds(lambda: torch.matmul(a, b), repeats) / 1e9
+        torch.matmul(a, b)  # warm-up
+        out["torch_gflops_best"] = 2 * n**3 / min(timed(lambda: torch.matmul(a, b)) for _ in range(repeats)) / 1e9
     except ImportError:
         pass
     out["gflops_best"] = max(out["openvino_gflops_best"], out.get("torch_gflops_best", 0.0))
