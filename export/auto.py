@@ -8,7 +8,7 @@
 | ``onnxruntime-int8`` | ONNX Runtime's int8 recipes, the fastest that passes (``export.build``'s int8 path) | min cos >= 0.99 |
 | ``openvino-f32`` | the model as OpenVINO IR (``export.openvino.to_ir``), f32 inference | max abs <= 1e-5 |
 | ``openvino-bf16`` | the same IR, bf16 inference; only where the CPU has native bf16 | min cos >= 0.999 |
-| ``openvino-int8`` | NNCF static int8 of the IR (transformer preset, ``export.openvino.INT8_LADDER``), bf16 around it where the CPU has native bf16, else f32 | min cos >= 0.99 |
+| ``openvino-int8`` | NNCF static int8 of the IR's per-token linear layers (transformer preset, attention and the Dense projection float, the recipes of ``export.openvino.INT8_LADDER`` in turn), bf16 around it where the CPU has native bf16, else f32 | min cos >= 0.99 |
 
 Every gate runs on the calibration set **and** on held-out sentences (``export/data/validation.json``) that no
 static range was calibrated on. An engine that fails, or cannot be built here (OpenVINO or NNCF not installed, no
@@ -239,16 +239,18 @@ class AutoBuilder:
         from export.onnx_graph import ff_width
         from export.quantize import single_rows
 
-        roles = eov.ff_matmuls(xml, ff_width(self.model.auto_model.config))
+        roles = eov.matmul_roles(xml, ff_width(self.model.auto_model.config))
         tried = []
-        for i, (label, keep_float) in enumerate(eov.INT8_LADDER):
+        for i, rung in enumerate(eov.INT8_LADDER):
+            label = rung.label
             dst = self.workdir / f"ov-int8.{i}.xml"
-            names = [n for role in keep_float for n in roles[role]]
+            names = [n for role in (*eov.FLOAT_ROLES, *rung.float_roles) for n in roles[role]]
             with self.progress.step(f"auto openvino-int8 ({label}): NNCF calibration + quantize"):
-                qinfo = eov.quantize_int8(xml, dst, single_rows(self.calibration.feeds()), names)
+                qinfo = eov.quantize_int8(xml, dst, single_rows(self.calibration.feeds()), names,
+                                          smooth_quant=rung.smooth_quant)
             backend = ov_backend(dst, around)
             report = self.check("openvino-int8", backend, f"openvino CPU int8 + {around}")
-            tried.append({"ignored_scope": label, "float_matmuls": len(names), "min_cosine": report.min_cos,
+            tried.append({"recipe": label, "float_matmuls": len(names), "min_cosine": report.min_cos,
                           "passed": report.passed, "failures": list(report.failures)})
             self.progress.note(f"auto openvino-int8 ({label}): min cos {report.min_cos:.5f} ({'passes' if report.passed else 'fails'} the gate)")
             if report.passed:
@@ -260,7 +262,7 @@ class AutoBuilder:
                               graph={**qinfo, "ladder": tried})
                 return
         best = max(tried, key=lambda t: t["min_cosine"])
-        self.skip("openvino-int8", f"no NNCF ignored scope passes the int8 gate: best ({best['ignored_scope']}) "
+        self.skip("openvino-int8", f"no NNCF int8 recipe passes the int8 gate: best ({best['recipe']}) "
                   f"{'; '.join(best['failures'])}", {"graph": {"ladder": tried}})
 
     # -- the race -------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from export.openvino import INT8_LADDER
 from runtime import cpu_engines
 from runtime.bundle import EngineError, Manifest, load_manifest
 
@@ -323,3 +324,50 @@ def test_server_info_says_which_engine_serves(auto_bundle):
         info = httpx.get(f"{url}/info", timeout=30).json()
     assert info["engine_choice"]["engine"] == "openvino-f32" and info["precision"] == "fp32"
     assert info["backend"].startswith("openvino:CPU") and info["engines"][0]["engine"] == "openvino-f32"
+
+
+def _fed_by_fake_quantize(port) -> bool:
+    """Whether an input reaches its op through a FakeQuantize (looking through layout-only ops)."""
+    node = port.get_source_output().get_node()
+    while node.get_type_name() in ("Transpose", "Reshape", "Convert"):
+        node = node.input_value(0).get_node()
+    return node.get_type_name() == "FakeQuantize"
+
+
+@pytest.mark.parametrize("rung", INT8_LADDER, ids=lambda r: r.label)
+def test_each_nncf_int8_rung_keeps_attention_float_and_does_what_it_says(auto_bundle, tmp_path, rung):
+    """The ladder's recipes as built: attention and the pooled projection never quantized, the named FF MatMuls
+    float, SmoothQuant as said."""
+    pytest.importorskip("nncf")
+    import openvino as ov
+
+    from transformers import AutoConfig
+
+    from export import openvino as eov
+    from export.onnx_graph import ff_width
+    from runtime.backends.openvino import OpenVinoBackend
+
+    xml = auto_bundle.parent / f"{auto_bundle.name}{cpu_engines.FILE_INFIX}openvino.xml"
+    tok = load_manifest(auto_bundle).tokenizer()
+    inputs, vectors = cpu_engines.reference(load_manifest(auto_bundle))  # the export's calibration + held-out rows
+    rows = [tok([x]) for x in inputs]
+    roles = eov.matmul_roles(xml, ff_width(AutoConfig.from_pretrained(TINY)))
+    assert len(roles["pooled"]) == 1 and roles["ff_output"]  # the Dense projection; one FF output per block
+    kept_float = [n for role in (*eov.FLOAT_ROLES, *rung.float_roles) for n in roles[role]]
+    info = eov.quantize_int8(xml, tmp_path / "int8.xml", rows, kept_float, smooth_quant=rung.smooth_quant)
+    ops = ov.Core().read_model(str(tmp_path / "int8.xml")).get_ops()
+
+    attention = [op for op in ops if op.get_type_name() in eov.ATTENTION_OPS]
+    assert attention and not any(_fed_by_fake_quantize(port) for op in attention for port in op.inputs())
+    matmuls = {op.get_friendly_name(): op for op in ops if op.get_type_name() == "MatMul"}
+    quantized = [name for name, op in matmuls.items() if _fed_by_fake_quantize(op.inputs()[0])]
+    assert quantized and not set(quantized) & set(kept_float)
+    assert all(name in matmuls and not _fed_by_fake_quantize(matmuls[name].inputs()[0]) for name in kept_float)
+    assert not any(_fed_by_fake_quantize(matmuls[name].inputs()[0]) for name in roles["pooled"])  # on every rung
+    assert any("smooth_quant" in op.get_friendly_name() for op in ops) == rung.smooth_quant
+    assert info["smooth_quant"] == rung.smooth_quant and info["float_op_types"] == list(eov.ATTENTION_OPS)
+
+    # a row that pools to zero (only instruction tokens) stays zero, as in the reference, not a unit vector
+    zero = [x for x, v in zip(inputs, vectors) if not v.any()]
+    assert zero
+    assert not OpenVinoBackend(tmp_path / "int8.xml").run(tok(zero)).any()
