@@ -244,7 +244,7 @@ class AutoBuilder:
         for i, rung in enumerate(eov.INT8_LADDER):
             label = rung.label
             dst = self.workdir / f"ov-int8.{i}.xml"
-            names = [n for role in (*eov.FLOAT_ROLES, *rung.float_roles) for n in roles[role]]
+            names = rung.float_matmuls(roles)
             with self.progress.step(f"auto openvino-int8 ({label}): NNCF calibration + quantize"):
                 qinfo = eov.quantize_int8(xml, dst, single_rows(self.calibration.feeds()), names,
                                           smooth_quant=rung.smooth_quant)

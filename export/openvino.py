@@ -10,7 +10,7 @@
 - ``quantize_int8``: NNCF post-training quantization with ``model_type=TRANSFORMER`` (its transformer preset:
   mixed preset, SmoothQuant on MatMul inputs, symmetric quantizers for activation x activation MatMuls), static
   activation ranges calibrated on the export calibration set one unpadded row at a time. ``ignored`` names the
-  MatMuls and ``ignored_types`` the op types left in the float precision (NNCF's ignored scope). Static ranges fit
+  MatMuls left in the float precision besides the attention ops (NNCF's ignored scope). Static ranges fit
   the rows they were calibrated on: ``export.auto`` gates the result on held-out rows too.
 - ``INT8_LADDER``: the recipes tried in turn until one passes the int8 gate. Attention stays in the float
   precision on every rung: quantizing OpenVINO's attention op was both slower and less accurate. Measured on a
@@ -53,6 +53,10 @@ class Int8Rung:
     label: str
     float_roles: tuple[str, ...] = ()
     smooth_quant: bool = True
+
+    def float_matmuls(self, roles: dict[str, list[str]]) -> list[str]:
+        """The names of the MatMuls this recipe leaves float, from ``matmul_roles``."""
+        return [name for role in (*FLOAT_ROLES, *self.float_roles) for name in roles[role]]
 
 
 # tried in this order, the first that passes is kept; the attention op (``ATTENTION_OPS``) and ``FLOAT_ROLES`` stay
@@ -121,7 +125,7 @@ def matmul_roles(xml_path: Path, ff_width: int) -> dict[str, list[str]]:
 
 
 def quantize_int8(xml_path: Path, dst: Path, rows: Iterable[Feeds], ignored: list[str],
-                  ignored_types: tuple[str, ...] = ATTENTION_OPS, smooth_quant: bool = True) -> dict[str, Any]:
+                  smooth_quant: bool = True) -> dict[str, Any]:
     """NNCF int8 of the IR at ``xml_path`` calibrated on ``rows`` (one unpadded row each), written to ``dst``."""
     import nncf
     import openvino as ov
@@ -135,7 +139,7 @@ def quantize_int8(xml_path: Path, dst: Path, rows: Iterable[Feeds], ignored: lis
         nncf.Dataset(data),
         model_type=nncf.ModelType.TRANSFORMER,
         subset_size=len(data),
-        ignored_scope=nncf.IgnoredScope(names=list(ignored), types=list(ignored_types), validate=False),
+        ignored_scope=nncf.IgnoredScope(names=list(ignored), types=list(ATTENTION_OPS), validate=False),
         advanced_parameters=None if smooth_quant else AdvancedQuantizationParameters(
             smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)),  # NNCF's "off" for its MatMul alpha
     )
@@ -146,7 +150,7 @@ def quantize_int8(xml_path: Path, dst: Path, rows: Iterable[Feeds], ignored: lis
         "nncf": nncf.__version__,
         "calibration_rows": len(data),
         "float_matmuls": sorted(ignored),
-        "float_op_types": sorted(ignored_types),
+        "float_op_types": sorted(ATTENTION_OPS),
         "smooth_quant": smooth_quant,
         "fake_quantize_ops": fq,
     }

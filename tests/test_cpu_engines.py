@@ -348,12 +348,13 @@ def test_each_nncf_int8_rung_keeps_attention_float_and_does_what_it_says(auto_bu
     from runtime.backends.openvino import OpenVinoBackend
 
     xml = auto_bundle.parent / f"{auto_bundle.name}{cpu_engines.FILE_INFIX}openvino.xml"
-    tok = load_manifest(auto_bundle).tokenizer()
-    inputs, vectors = cpu_engines.reference(load_manifest(auto_bundle))  # the export's calibration + held-out rows
+    manifest = load_manifest(auto_bundle)
+    tok = manifest.tokenizer()
+    inputs, vectors = cpu_engines.reference(manifest)  # the export's calibration + held-out rows
     rows = [tok([x]) for x in inputs]
     roles = eov.matmul_roles(xml, ff_width(AutoConfig.from_pretrained(TINY)))
     assert len(roles["pooled"]) == 1 and roles["ff_output"]  # the Dense projection; one FF output per block
-    kept_float = [n for role in (*eov.FLOAT_ROLES, *rung.float_roles) for n in roles[role]]
+    kept_float = rung.float_matmuls(roles)
     info = eov.quantize_int8(xml, tmp_path / "int8.xml", rows, kept_float, smooth_quant=rung.smooth_quant)
     ops = ov.Core().read_model(str(tmp_path / "int8.xml")).get_ops()
 
