@@ -13,7 +13,8 @@
 Every gate runs on the calibration set **and** on held-out sentences (``export/data/validation.json``) that no
 static range was calibrated on. An engine that fails, or cannot be built here (OpenVINO or NNCF not installed, no
 native bf16), is not kept, and the manifest and stderr say which and why. The kept engines race on the calibration
-set as the encoder runs them (``runtime.cpu_engines.race``: turns, median of 3) and the manifest records the race
+set as the encoder runs them (``runtime.cpu_engines.race``: turns, median of 3, each at the batch's own width and at
+widths rounded up to 16, the faster rule kept as the engine's ``length_multiple``) and the manifest records the race
 with this CPU's model name, vector flags and thread count, so a runtime on this machine picks the fastest without
 measuring. The fp32 PyTorch vectors of the gate's rows go into the bundle (``NAME.onnx.cpu.reference.npz``): on
 another CPU the runtime re-checks each engine's gate against them before it races them (``runtime.cpu_engines``).
@@ -271,11 +272,15 @@ class AutoBuilder:
         threads = cpu_engines.effective_threads(0)
         with self.progress.step(f"auto: speed race of {len(self.backends)} engines on the calibration set, "
                                 f"{cpu_engines.RACE_ROUNDS} rounds ({threads} threads)"):
-            seconds = cpu_engines.race(self.backends, self.calibration.feeds(by_length=True))  # as the runtime batches
+            timed = cpu_engines.race(self.backends, self.calibration.feeds(by_length=True),  # as the runtime batches
+                                     self.model.tokenizer.pad_token_id, self.model.max_seq_length)
+        seconds, multiples = cpu_engines.fastest_rules(timed)
         picked = min(seconds, key=seconds.get)
-        shown = ", ".join(f"{k} {v:.3f} s" for k, v in sorted(seconds.items(), key=lambda kv: kv[1]))
+        shown = ", ".join(f"{k} {v:.3f} s" + (f" (widths in multiples of {multiples[k]})" if multiples[k] > 1 else "")
+                          for k, v in sorted(seconds.items(), key=lambda kv: kv[1]))
         self.progress.note(f"auto: picked {picked} on this CPU ({shown})")
-        return {"cpu": cpu_engines.cpu_signature(), "threads": threads, "seconds": seconds, "picked": picked}
+        return {"cpu": cpu_engines.cpu_signature(), "threads": threads, "seconds": seconds, "length_multiple": multiples,
+                "seconds_by_multiple": timed, "picked": picked}
 
 
 def _summary(graph: Any) -> dict[str, Any]:

@@ -17,6 +17,11 @@ the CPU's model name and vector flags, the thread count).
    race in turns (median of ``RACE_ROUNDS``), and the result is cached (``cache_dir()/cpu-engine-picks.json``,
    keyed by the manifest's sha256, the CPU and the threads), so only the first load on a machine pays for it.
 
+Each engine races twice, at the batch's own width and at widths rounded up to ``LENGTH_MULTIPLES`` (see
+``runtime.batching.aligned``); the faster rule is the engine's time, and the encoder pads that engine's batches by
+it (``Choice.length_multiple``). On an AMX Xeon, OpenVINO's bf16 and int8 kernels run a width of a multiple of 16
+faster than the widths just below it; whether that pays for the padding on real batches is what the race measures.
+
 An engine passed over is named with the reason (``Choice.skipped``); the CLI summary, the server's ``/info`` and
 ``Encoder.engine_choice`` say which one was picked and how. A bundle without ``cpu_engines`` holds one engine,
 which is the choice.
@@ -38,6 +43,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from runtime.batching import widen
 from runtime.files.atomic import atomic_write_text
 from runtime.bundle import EngineError, Manifest, cache_dir, verify_engine_file
 from runtime import parity
@@ -47,6 +53,7 @@ FIELD = "cpu_engines"
 FILE_INFIX = ".cpu."  # candidate files of the bundle at PATH: PATH.cpu.NAME...
 CHOICES = ("auto", "fp32", "bf16", "int8")
 RACE_ROUNDS = 3
+LENGTH_MULTIPLES = (1, 16)  # the width rules each engine races with: the longest row's length; rounded up to 16
 PICKS_CACHE_FILE = "cpu-engine-picks.json"
 PICKS_CACHE_ENTRIES = 64
 # the vector extensions that decide which kernels run (VNNI: int8 dot products; AVX512-BF16 / AMX: bf16, int8 tiles)
@@ -87,12 +94,15 @@ class Choice:
     seconds: dict[str, float] = field(default_factory=dict)  # the race this choice came from
     skipped: dict[str, str] = field(default_factory=dict)  # engine -> why it was not a contender
     inference_precision: str | None = None
+    length_multiple: int = 1  # the encoder pads this engine's batches to widths in multiples of this (its race's pick)
 
     def as_dict(self) -> dict[str, Any]:
         """For the CLI summary and the server's ``/info``."""
         out: dict[str, Any] = {"engine": self.name, "backend": self.backend, "precision": self.precision, "how": self.how}
         if self.inference_precision:
             out["inference_precision"] = self.inference_precision
+        if self.length_multiple > 1:
+            out["length_multiple"] = self.length_multiple
         if self.seconds:
             out["race_seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
         if self.skipped:
@@ -190,12 +200,15 @@ def runnable(cands: Iterable[Candidate]) -> tuple[list[Candidate], dict[str, str
     return ok, skipped
 
 
+Measured = tuple[dict[str, float], dict[str, str], dict[str, int]]  # a race: seconds per engine, failed -> why, length multiple per engine
+
+
 def _wanted(c: Candidate, precision: str) -> bool:
     return precision == "auto" or c.precision == precision or c.name == precision
 
 
 def choose(manifest: Manifest, precision: str = "auto", device: str | None = None, threads: int = 0,
-           measure: Callable[[list[Candidate]], tuple[dict[str, float], dict[str, str]]] | None = None) -> Choice:
+           measure: Callable[[list[Candidate]], Measured] | None = None) -> Choice:
     """The engine to run for ``precision`` (``auto``, fp32, bf16, int8 or an engine's name) on this CPU."""
     if not is_auto_bundle(manifest):
         main = Choice(f"{manifest.kind}-{manifest.precision}", _backend_of(manifest), manifest.precision,
@@ -221,18 +234,18 @@ def choose(manifest: Manifest, precision: str = "auto", device: str | None = Non
         raise EngineError(f"{manifest.engine}: no CPU engine of precision {precision!r} can run here ({why})")
     if len(ok) == 1 and ok[0] is main:  # nothing to race, and the fp32 ONNX engine is the bundle's own
         return _choice(main, "the only engine of that precision that can run here", {}, skipped)
-    seconds, failed, how = _measured(manifest, ok, threads, measure)  # one engine on another CPU is still gated here
+    seconds, failed, multiples, how = _measured(manifest, ok, threads, measure)  # one engine on another CPU is still gated here
     skipped.update(failed)
     timed = {k: v for k, v in seconds.items() if k in {c.name for c in ok} and k not in failed}
     if not timed:
         why = "; ".join(f"{k}: {v}" for k, v in failed.items())
         raise EngineError(f"{manifest.engine}: no CPU engine of precision {precision!r} passed its gate on this CPU ({why})")
     best = min(timed, key=timed.get)
-    return _choice(next(c for c in ok if c.name == best), how, timed, skipped)
+    return _choice(next(c for c in ok if c.name == best), how, timed, skipped, int(multiples.get(best, 1)))
 
 
-def _choice(c: Candidate, how: str, seconds: dict[str, float], skipped: dict[str, str]) -> Choice:
-    return Choice(c.name, c.backend, c.precision, how, c, seconds, skipped, inference_precision(c))
+def _choice(c: Candidate, how: str, seconds: dict[str, float], skipped: dict[str, str], length_multiple: int = 1) -> Choice:
+    return Choice(c.name, c.backend, c.precision, how, c, seconds, skipped, inference_precision(c), length_multiple)
 
 
 def _backend_of(manifest: Manifest) -> str:
@@ -255,30 +268,33 @@ def inference_precision(c: Candidate) -> str | None:
     return c.inference_precision or "f32"
 
 
-def _measured(manifest: Manifest, ok: list[Candidate], threads: int, measure: Any) -> tuple[dict[str, float], dict[str, str], str]:
-    """(seconds per engine, engines that failed their gate here, how): the export's race if it ran on this CPU with
-    these threads, else a cached race of this machine, else a race run now (and cached)."""
+def _measured(manifest: Manifest, ok: list[Candidate], threads: int, measure: Any) -> tuple[dict[str, float], dict[str, str], dict[str, int], str]:
+    """(seconds per engine, engines that failed their gate here, each engine's length multiple, how): the export's
+    race if it ran on this CPU with these threads, else a cached race of this machine, else a race run now (and
+    cached). A race recorded before length multiples were raced pads to the longest row (multiple 1)."""
     sig, n = cpu_signature(), effective_threads(threads)
     for entry in manifest.data[FIELD].get("measured", []):
         if entry.get("cpu") == sig and entry.get("threads") == n:
-            return dict(entry["seconds"]), {}, f"fastest of the export's race on this CPU ({n} threads)"
+            return (dict(entry["seconds"]), {}, dict(entry.get("length_multiple", {})),
+                    f"fastest of the export's race on this CPU ({n} threads)")
     key = hashlib.sha256(json.dumps([manifest.sha256, sig, n], sort_keys=True).encode()).hexdigest()
     cache = cache_dir() / PICKS_CACHE_FILE
     entries = _read_cache(cache)
     names = sorted(c.name for c in ok)
     hit = entries.get(key)
     if isinstance(hit, dict) and sorted(hit.get("engines", [])) == names:
-        return dict(hit["seconds"]), dict(hit["failed"]), f"fastest of a race measured earlier on this CPU ({n} threads; cached)"
+        return (dict(hit["seconds"]), dict(hit["failed"]), dict(hit.get("length_multiple", {})),
+                f"fastest of a race measured earlier on this CPU ({n} threads; cached)")
     print(f"{manifest.engine}: measuring {len(ok)} CPU engines on this CPU ({n} threads), once: "
           f"the gate on the reference vectors, then a race of {RACE_ROUNDS} rounds", file=sys.stderr)
-    seconds, failed = (measure or (lambda cs: measure_here(manifest, cs, n)))(ok)
+    seconds, failed, multiples = (measure or (lambda cs: measure_here(manifest, cs, n)))(ok)
     entries.pop(key, None)
-    entries[key] = {"engines": names, "seconds": seconds, "failed": failed, "cpu": sig, "threads": n}
+    entries[key] = {"engines": names, "seconds": seconds, "failed": failed, "length_multiple": multiples, "cpu": sig, "threads": n}
     try:
         atomic_write_text(cache, json.dumps(dict(list(entries.items())[-PICKS_CACHE_ENTRIES:])))
     except OSError:
         pass
-    return seconds, failed, f"fastest of a race measured here ({n} threads)"
+    return seconds, failed, multiples, f"fastest of a race measured here ({n} threads)"
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
@@ -341,26 +357,37 @@ def run_each(backend: Any, batches: list[dict[str, np.ndarray]]) -> Iterator[np.
     return (backend.run(f) for f in batches)
 
 
-def race(backends: dict[str, Any], feeds: list[dict[str, np.ndarray]], rounds: int = RACE_ROUNDS) -> dict[str, float]:
-    """Median seconds over ``feeds`` per backend, run as the encoder runs a window (``run_each``), the backends
-    taking turns each round (a load that drifts weighs on all alike); each runs the feeds once untimed first."""
-    for backend in backends.values():
-        for _ in run_each(backend, feeds):
+def race(backends: dict[str, Any], feeds: list[dict[str, np.ndarray]], pad_id: int, max_seq_length: int,
+         rounds: int = RACE_ROUNDS) -> dict[str, dict[int, float]]:
+    """Median seconds over ``feeds`` per backend and width rule of ``LENGTH_MULTIPLES``. Each (backend, rule) runs
+    as the encoder runs a window (``run_each``), all taking turns each round (a load that drifts weighs on all
+    alike), each once untimed first."""
+    lanes = {(name, m): (backend, [widen(f, m, max_seq_length, pad_id) for f in feeds])
+             for name, backend in backends.items() for m in LENGTH_MULTIPLES}
+    for backend, lane_feeds in lanes.values():
+        for _ in run_each(backend, lane_feeds):
             pass
-    times: dict[str, list[float]] = {name: [] for name in backends}
+    times: dict[tuple[str, int], list[float]] = {lane: [] for lane in lanes}
     for r in range(rounds):
-        order = list(backends.items())
+        order = list(lanes.items())
         order = order[r % len(order):] + order[: r % len(order)]
-        for name, backend in order:
+        for lane, (backend, lane_feeds) in order:
             t0 = time.perf_counter()
-            for _ in run_each(backend, feeds):
+            for _ in run_each(backend, lane_feeds):
                 pass
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(statistics.median(t)) for name, t in times.items()}
+            times[lane].append(time.perf_counter() - t0)
+    return {name: {m: float(statistics.median(times[(name, m)])) for m in LENGTH_MULTIPLES} for name in backends}
 
 
-def measure_here(manifest: Manifest, cands: list[Candidate], threads: int, batch_size: int = 16) -> tuple[dict[str, float], dict[str, str]]:
-    """Gate each engine on the reference vectors on this CPU, race those that pass; (seconds, failed -> why)."""
+def fastest_rules(timed: dict[str, dict[int, float]]) -> tuple[dict[str, float], dict[str, int]]:
+    """(seconds, length multiple) per engine at its faster width rule of a ``race``; a tie goes to the narrower."""
+    multiples = {name: min(by_rule, key=lambda m: (by_rule[m], m)) for name, by_rule in timed.items()}
+    return {name: timed[name][m] for name, m in multiples.items()}, multiples
+
+
+def measure_here(manifest: Manifest, cands: list[Candidate], threads: int, batch_size: int = 16) -> Measured:
+    """Gate each engine on the reference vectors on this CPU, race those that pass; (seconds, failed -> why, length
+    multiples)."""
     inputs, ref = reference(manifest)
     tok = manifest.tokenizer()
     order = np.argsort(tok.encode(inputs).lengths, kind="stable")  # the race runs length-sorted batches, as the encoder does
@@ -383,7 +410,8 @@ def measure_here(manifest: Manifest, cands: list[Candidate], threads: int, batch
                 failed[c.name] = f"failed its gate on this CPU against the reference vectors: {'; '.join(failures)}"
                 continue
             racers[c.name] = backend
-        return (race(racers, race_feeds) if racers else {}), failed
+        seconds, multiples = fastest_rules(race(racers, race_feeds, tok.pad_token_id, manifest.max_seq_length) if racers else {})
+        return seconds, failed, multiples
     finally:
         for b in backends:
             b.close()

@@ -2,7 +2,8 @@
 
 Pipeline: a background thread takes the inputs a window at a time (``window`` rows), tokenizes the window with
 ``encode_batch`` (Rust, outside the GIL), sorts it by token count and cuts it into batches by a token budget
-(``runtime.batching``), pads each batch to its own longest row, and hands the window to the engine thread through
+(``runtime.batching``), pads each batch to its own longest row (or, for an engine whose race found widths in
+multiples of 16 faster, to that width: ``length_multiple``), and hands the window to the engine thread through
 a bounded queue; the engine thread runs the batches and writes each row back to its input position. Memory holds
 at most ``queue_size + 2`` windows, whatever the input size, and the engine never waits on the tokenizer unless
 tokenizing is the slower stage.
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from runtime import chunking, cpu_engines
 from runtime.output_dtype import NEEDS_RANGES, calibration_ranges, check_output_dtype, quantize
 from runtime.backends import Backend
-from runtime.batching import BatchStats, plan_batches
+from runtime.batching import BatchStats, aligned, plan_batches
 from runtime.bundle import Manifest, load_manifest
 from runtime.tokenization import Encoded, InputItem, InstructionTokenizer
 
@@ -90,6 +91,8 @@ class Encoder:
     ``precision``: which engine of a ``--precision auto`` bundle runs (``auto``: the fastest that passed its gate on
     this CPU; ``fp32``, ``bf16``, ``int8`` or an engine's name: the fastest of those; ``runtime.cpu_engines``);
     ``engine_choice`` says which one and how it was chosen. A bundle of one engine runs that engine.
+    ``length_multiple``: batches are padded to widths in multiples of it (``runtime.batching.aligned``); default: the
+    chosen engine's, from its race (``engine_choice.length_multiple``); 1 pads to the longest row.
     """
 
     def __init__(
@@ -105,10 +108,13 @@ class Encoder:
         chunk_overlap: int = chunking.DEFAULT_OVERLAP,
         chunk_pooling: str = "mean",
         precision: str = "auto",
+        length_multiple: int | None = None,
         **onnx_options: Any,
     ) -> None:
         if (max_tokens is not None and max_tokens < 1) or window < 1 or queue_size < 1:
             raise ValueError("max_tokens, window and queue_size must be >= 1")
+        if length_multiple is not None and length_multiple < 1:
+            raise ValueError(f"length_multiple must be >= 1, got {length_multiple}")
         if not 0.0 <= max_padding < 1.0:
             raise ValueError(f"max_padding must be in [0, 1), got {max_padding}")
         chunking.check_options(long_text, chunk_overlap, chunk_pooling)
@@ -121,6 +127,7 @@ class Encoder:
         self.engine_choice: cpu_engines.Choice = cpu_engines.choose(self.manifest, precision, device, threads)
         self.backend: Backend = cpu_engines.open_choice(self.manifest, self.engine_choice, device, threads, **onnx_options)
         self.max_tokens = int(max_tokens or self.backend.default_max_tokens or DEFAULT_MAX_TOKENS)
+        self.length_multiple = int(length_multiple or self.engine_choice.length_multiple)
         self.window = int(window)
         self.max_padding = float(max_padding)
         self.queue_size = int(queue_size)
@@ -306,10 +313,11 @@ class Encoder:
                 raise
             units = chunks.encoded
         lengths = units.lengths
+        widths = aligned(lengths, self.length_multiple, self.max_seq_length)  # what each row costs the engine
         batches = []
         padded = 0
-        for rows in plan_batches(lengths, max_rows, max_tokens, self.max_padding):
-            feeds = self.tokenizer.pad(units.take(rows))
+        for rows in plan_batches(widths, max_rows, max_tokens, self.max_padding):
+            feeds = self.tokenizer.pad(units.take(rows), int(widths[rows].max()))
             padded += feeds["input_ids"].size
             batches.append((rows, feeds))
         stats = BatchStats(

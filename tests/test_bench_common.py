@@ -154,12 +154,15 @@ def test_throughput_runs_an_auto_bundle_and_each_of_its_engines(tmp_path):
                   ExportOptions(precision="auto", engines=("onnxruntime-fp32", "openvino-f32"), calib_max_batch=1, progress=Progress(False)))
     tiny_model = InstructorModel.from_pretrained(ws.checkpoint("tiny"))
     items = with_instruction(["a short text", "another, somewhat longer text"], "t5")
-    args = Namespace(precisions=["auto", "auto/openvino-f32", "auto/openvino-int8"], batch_size=2, threads=1)
+    args = Namespace(precisions=["auto", "auto/openvino-f32", "auto/openvino-int8", "auto/openvino-f32-longest"], batch_size=2, threads=1)
     contenders = {c.name: c for c in our_contenders("tiny", ws, items, args, tiny_model)}
-    assert list(contenders) == ["reference", "runtime-auto", "runtime-auto/openvino-f32"]
+    assert list(contenders) == ["reference", "runtime-auto", "runtime-auto/openvino-f32", "runtime-auto/openvino-f32-longest"]
     assert "runtime-auto/openvino-int8" in " ".join(ws.notes)  # not in the bundle: skipped, with the reason
     one = contenders["runtime-auto/openvino-f32"]
     assert one.info["engine_choice"]["engine"] == "openvino-f32" and one.precision == "fp32"
+    longest = contenders["runtime-auto/openvino-f32-longest"]
+    assert longest.info["engine_choice"]["engine"] == "openvino-f32" and longest.info["length_multiple"] == 1
+    assert one.info["length_multiple"] == one.info["engine_choice"].get("length_multiple", 1)  # the race's rule
     assert np.abs(one.warm() - contenders["reference"].warm()).max() <= 1e-5
     peaks = {"sgemm": 100.0, "int8": 1000.0, "int8_openvino": 2000.0, "bf16": 500.0}
     assert peak_of(one, peaks) == ("sgemm", 100.0)

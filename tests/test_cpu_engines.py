@@ -73,16 +73,21 @@ def test_a_bundle_of_one_engine_runs_that_engine(tiny_engine):
 def test_the_exporters_race_on_this_cpu_decides_without_measuring(auto_manifest, everything_runs):
     auto_manifest.data[cpu_engines.FIELD]["measured"] = [
         {"cpu": cpu_engines.cpu_signature(), "threads": cpu_engines.effective_threads(0),
-         "seconds": {"onnxruntime-fp32": 3.0, "onnxruntime-int8": 2.0, "openvino-bf16": 1.0}},
+         "seconds": {"onnxruntime-fp32": 3.0, "onnxruntime-int8": 2.0, "openvino-bf16": 1.0},
+         "length_multiple": {"onnxruntime-fp32": 1, "onnxruntime-int8": 1, "openvino-bf16": 16}},
         {"cpu": {"cpu": "another CPU", "flags": []}, "threads": 2, "seconds": {"onnxruntime-fp32": 0.1}},
     ]
     choice = cpu_engines.choose(auto_manifest, "auto", "cpu", 0, measure=_never)
     assert (choice.name, choice.backend, choice.precision) == ("openvino-bf16", "openvino", "bf16")
+    assert choice.length_multiple == 16 and choice.as_dict()["length_multiple"] == 16  # the CLI summary and /info say it
     assert "export's race on this CPU" in choice.how
     assert choice.skipped == {"openvino-int8": "not kept at export: parity gate: min cosine 0.95 < 0.99"}
     # a precision narrows the race: the fastest engine of that precision
     assert cpu_engines.choose(auto_manifest, "int8", "cpu", 0, measure=_never).name == "onnxruntime-int8"
-    assert cpu_engines.choose(auto_manifest, "onnxruntime-fp32", "cpu", 0, measure=_never).name == "onnxruntime-fp32"
+    int8 = cpu_engines.choose(auto_manifest, "onnxruntime-fp32", "cpu", 0, measure=_never)
+    assert int8.name == "onnxruntime-fp32" and int8.length_multiple == 1 and "length_multiple" not in int8.as_dict()
+    del auto_manifest.data[cpu_engines.FIELD]["measured"][0]["length_multiple"]  # a bundle raced before multiples were
+    assert cpu_engines.choose(auto_manifest, "auto", "cpu", 0, measure=_never).length_multiple == 1
 
 
 def test_another_cpu_is_measured_once_then_cached(auto_manifest, everything_runs):
@@ -91,7 +96,7 @@ def test_another_cpu_is_measured_once_then_cached(auto_manifest, everything_runs
     def measure(cands):
         calls.append(sorted(c.name for c in cands))
         return {"onnxruntime-fp32": 2.0, "onnxruntime-int8": 1.5, "openvino-bf16": 0.5}, {
-            "openvino-bf16": "failed its gate on this CPU against the reference vectors: min cosine 0.9 < 0.999"}
+            "openvino-bf16": "failed its gate on this CPU against the reference vectors: min cosine 0.9 < 0.999"}, {}
 
     auto_manifest.data[cpu_engines.FIELD]["measured"] = [
         {"cpu": {"cpu": "another CPU", "flags": ["avx2"]}, "threads": cpu_engines.effective_threads(0),
@@ -110,7 +115,7 @@ def test_another_cpu_is_measured_once_then_cached(auto_manifest, everything_runs
 
 def test_engines_that_cannot_run_here_are_named_with_the_reason(auto_manifest, monkeypatch):
     monkeypatch.setattr(cpu_engines, "openvino_installed", lambda: False)
-    choice = cpu_engines.choose(auto_manifest, "auto", "cpu", 0, measure=lambda cs: ({"onnxruntime-fp32": 2.0, "onnxruntime-int8": 1.0}, {}))
+    choice = cpu_engines.choose(auto_manifest, "auto", "cpu", 0, measure=lambda cs: ({"onnxruntime-fp32": 2.0, "onnxruntime-int8": 1.0}, {}, {}))
     assert choice.name == "onnxruntime-int8"
     assert "pip install 'instructor-stack[openvino]'" in choice.skipped["openvino-bf16"]
     monkeypatch.setattr(cpu_engines, "openvino_installed", lambda: True)
@@ -148,6 +153,34 @@ def test_gate_failures_follow_the_exporters_rule():
     nan = same.copy()
     nan[1, 0] = np.nan
     assert cpu_engines.gate_failures(ref, nan, {"min_cos": 0.0})[0].startswith("min cosine -1")
+
+
+def test_the_race_keeps_each_engines_faster_width_rule(monkeypatch):
+    """Two engines on a clock that each run advances by its cost: one computes a width of 16 faster than 15 (as
+    AMX tiles do), the other pays per position. Each keeps the rule that is faster for it; no real time is read."""
+    clock = [0.0]
+    monkeypatch.setattr(cpu_engines.time, "perf_counter", lambda: clock[0])
+
+    class Costed:
+        def __init__(self, cost):
+            self.cost, self.widths = cost, []
+
+        def run(self, feeds):
+            width = feeds["input_ids"].shape[1]
+            self.widths.append(width)
+            clock[0] += self.cost(width)
+            return np.zeros((len(feeds["input_ids"]), 2), dtype=np.float32)
+
+    tiled = Costed(lambda w: 1.0 if w % 16 == 0 else 2.0)
+    linear = Costed(lambda w: float(w))
+    feeds = [{"input_ids": np.ones((2, 15), np.int64), "attention_mask": np.ones((2, 15), np.int64)},
+             {"input_ids": np.ones((2, 40), np.int64), "attention_mask": np.ones((2, 40), np.int64)}]
+    timed = cpu_engines.race({"tiled": tiled, "linear": linear}, feeds, pad_id=0, max_seq_length=512)
+    assert timed == {"tiled": {1: 4.0, 16: 2.0}, "linear": {1: 55.0, 16: 64.0}}
+    assert cpu_engines.fastest_rules(timed) == ({"tiled": 2.0, "linear": 55.0}, {"tiled": 16, "linear": 1})
+    assert cpu_engines.fastest_rules({"tie": {1: 3.0, 16: 3.0}})[1] == {"tie": 1}
+    assert set(tiled.widths) == {15, 16, 40, 48}  # both rules ran, each once untimed and RACE_ROUNDS times timed
+    assert len(tiled.widths) == 2 * len(feeds) * (cpu_engines.RACE_ROUNDS + 1)
 
 
 def test_run_each_uses_run_many_where_the_backend_has_it():
@@ -202,6 +235,10 @@ def test_auto_export_writes_each_kept_engine_with_its_gate(auto_bundle):
     assert field["reference"]["rows"] == by_name["openvino-f32"]["parity"]["rows"] > 64 + 14 + 1
     race = field["measured"][0]
     assert race["cpu"] == cpu_engines.cpu_signature() and race["picked"] == min(race["seconds"], key=race["seconds"].get)
+    assert set(race["length_multiple"]) == set(race["seconds"]) and set(race["length_multiple"].values()) <= set(cpu_engines.LENGTH_MULTIPLES)
+    for name, m in race["length_multiple"].items():  # each engine's time is that of its rule, and no other rule was faster
+        by_rule = race["seconds_by_multiple"][name]
+        assert race["seconds"][name] == by_rule[str(m)] == min(by_rule.values())
 
 
 def test_auto_bundle_runs_the_races_winner_and_each_engine_matches(auto_bundle, golden_inputs, golden_vectors):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.batching import BatchStats, padded_size, plan_batches
+from runtime.batching import BatchStats, aligned, padded_size, plan_batches, widen
 from runtime.encoder import DEFAULT_MAX_PADDING, DEFAULT_MAX_TOKENS, DEFAULT_WINDOW, Encoder
 from runtime.tokenization import InstructionTokenizer
 from tests.conftest import TINY, assert_torch_free
@@ -138,6 +138,40 @@ def test_plan_batches_invariants():
     assert plan_batches(np.array([], dtype=np.int64), 32, 100) == []
     with pytest.raises(ValueError):
         plan_batches(lengths, 0, 100)
+
+
+def test_aligned_widths_round_up_to_the_multiple_but_not_past_the_cap():
+    lengths = np.array([1, 15, 16, 17, 250, 255, 256, 300])
+    assert aligned(lengths, 1, 256).tolist() == lengths.tolist()
+    assert aligned(lengths, 16, 256).tolist() == [16, 16, 16, 32, 256, 256, 256, 300]  # a longer row keeps its length
+    assert aligned(lengths, 16, 250).tolist() == [16, 16, 16, 32, 250, 255, 256, 300]
+    feeds = {"input_ids": np.array([[5, 6, 7], [5, 6, 0]]), "attention_mask": np.array([[1, 1, 1], [1, 1, 0]]),
+             "instruction_count": np.array([1, 0])}
+    wide = widen(feeds, 4, 512, pad_id=0)
+    assert wide["input_ids"].tolist() == [[5, 6, 7, 0], [5, 6, 0, 0]] and wide["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    assert wide["instruction_count"] is feeds["instruction_count"] and widen(feeds, 1, 512, 0) is feeds
+
+
+def test_an_engine_with_a_length_multiple_gets_aligned_batches_and_the_same_vectors(tiny_engine, golden_inputs):
+    """What the encoder pads to for an engine whose race found widths in multiples of 16 faster: every batch at a
+    multiple of 16 (or max_seq_length), counted as computed, with the vectors of unaligned batches."""
+    with Encoder(tiny_engine) as enc:
+        assert enc.length_multiple == enc.engine_choice.length_multiple == 1  # one engine, not raced: the longest row
+        enc.max_seq_length = 100
+        plain = enc.encode(golden_inputs, batch_size=8)
+    with Encoder(tiny_engine, length_multiple=16) as enc:
+        enc.max_seq_length = 100  # not a multiple of 16: the cap of the rounding
+        shapes: list[tuple[int, int]] = []
+        run = enc.backend.run
+        enc.backend.run = lambda feeds: shapes.append(feeds["input_ids"].shape) or run(feeds)
+        out = enc.encode(golden_inputs, batch_size=8)
+        stats = enc.last_stats
+    widths = [w for _, w in shapes]
+    assert all(w % 16 == 0 or w == 100 for w in widths) and 100 in widths and any(w < 100 for w in widths)
+    assert stats.padded_tokens == sum(n * w for n, w in shapes)
+    assert np.abs(out - plain).max() <= 1e-6
+    with pytest.raises(ValueError, match="length_multiple"):
+        Encoder(tiny_engine, length_multiple=0)
 
 
 def test_padding_waste_under_10_percent_on_mixed_lengths():

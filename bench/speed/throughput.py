@@ -8,6 +8,8 @@ Contenders per model:
   exported with ``--no-fuse-attention``, T5's attention as plain ops, the A/B of the fusion), with its node counts;
 - ``runtime-auto``: ``runtime.Encoder`` on the ``--precision auto`` bundle as a user runs it (the engine it picks on
   this CPU, named in ``engine_choice``); ``runtime-auto/ENGINE``: one engine of that bundle (``openvino-bf16``, ...);
+  either with ``-longest`` (``auto-longest``, ``auto/ENGINE-longest``): batches padded to their longest row, not to
+  the engine's raced ``length_multiple`` (the A/B of the width rule);
 - peers (``bench.speed.peers``, each in its own process, maybe its own venv): ``st-torch`` (sentence-transformers on
   PyTorch; an INSTRUCTOR instruction is its ``prompt``, left out of the pooling), ``st-onnx`` and ``st-onnx-qint8``
   (sentence-transformers ``backend="onnx"``: its Optimum export and its dynamic int8 export), ``fastembed`` (on that
@@ -61,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench.speed.throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["base", "minilm"], choices=MODELS, help="model shapes (seeded random T5) and/or the real MiniLM. Default: base minilm")
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), help="runtime engine precisions: PRECISION for the .onnx engine, PRECISION.pt2 for the .pt2 one (e.g. fp32.pt2), "
-                   "PRECISION-unfused for the .onnx engine exported with --no-fuse-attention (T5: the A/B of the attention fusion). Default: fp32 int8")
+                   "PRECISION-unfused for the .onnx engine exported with --no-fuse-attention (T5: the A/B of the attention fusion); auto (the --precision auto bundle's pick), "
+                   "auto/ENGINE (one of its engines), either with -longest (batches padded to the longest row, the A/B of the raced width rule). Default: fp32 int8")
     p.add_argument("--data", nargs="*", default=[], help="data folders (DATA_DIR, the layout of docs/evaluation.md) or .jsonl/.txt files; none: built-in corpus")
     p.add_argument("--docs", type=int, default=1000, help="texts in the corpus. Default: 1000")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported). Default: 5")
@@ -97,7 +100,7 @@ def our_contenders(model_name: str, ws: Workspace, items: list[Any], args: argpa
     encode = partial(reference.encode, items, batch_size=args.batch_size)
     out = [Contender("reference", encode, encode)]
     for precision in args.precisions:
-        if precision == "auto" or precision.startswith("auto/"):  # the --precision auto bundle: its pick, or one engine
+        if precision.partition("/")[0] in ("auto", "auto" + LONGEST):  # the --precision auto bundle: its pick, or one engine
             out += auto_contender(model_name, ws, items, args, precision)
             continue
         spec, dot, kind = precision.partition(".")  # "fp32.pt2": the .pt2 engine of that precision, for the CPU
@@ -114,10 +117,13 @@ def our_contenders(model_name: str, ws: Workspace, items: list[Any], args: argpa
     return out
 
 
+LONGEST = "-longest"  # a precision suffix: pad to the longest row whatever the engine's raced width rule
+
+
 def auto_contender(model_name: str, ws: Workspace, items: list[Any], args: argparse.Namespace, precision: str) -> list[Contender]:
     """``auto``: ``Encoder(bundle)`` as a user runs it (the engine its choice picks on this CPU); ``auto/ENGINE``:
-    one engine of the bundle (``Encoder(bundle, precision=ENGINE)``). An engine that cannot run here is skipped
-    with the reason."""
+    one engine of the bundle (``Encoder(bundle, precision=ENGINE)``); ``-longest`` after either: ``length_multiple=1``.
+    An engine that cannot run here is skipped with the reason."""
     from runtime import Encoder
     from runtime.bundle import EngineError
 
@@ -125,14 +131,17 @@ def auto_contender(model_name: str, ws: Workspace, items: list[Any], args: argpa
     if engine is None:
         return []
     try:
-        enc = Encoder(engine, precision=precision.partition("/")[2] or "auto", intra_op_threads=args.threads)
+        longest = precision.endswith(LONGEST)
+        which = precision.removesuffix(LONGEST).partition("/")[2] or "auto"
+        enc = Encoder(engine, precision=which, intra_op_threads=args.threads, length_multiple=1 if longest else None)
     except (EngineError, ValueError) as exc:  # not in this bundle, or cannot run on this CPU
         ws.notes[f"{model_name} runtime-{precision}"] = str(exc)
         print(f"runtime-{precision}: skipped ({exc})", file=sys.stderr)
         return []
     choice = enc.engine_choice
     run = partial(enc.encode, items, batch_size=args.batch_size)
-    info = {"engine": str(engine), "encoder": enc, "engine_choice": choice.as_dict(), "backend": choice.backend}
+    info = {"engine": str(engine), "encoder": enc, "engine_choice": choice.as_dict(), "backend": choice.backend,
+            "length_multiple": enc.length_multiple}
     return [Contender(f"runtime-{precision}", run, run, choice.precision, info=info)]
 
 
@@ -226,7 +235,7 @@ def bench_model(model_name: str, docs: list[str], args: argparse.Namespace, ws: 
             "share_of_sgemm_peak": gflops / peaks["sgemm"],
             **({"share_of_int8_peak": gflops / peaks["int8"]} if c.precision == "int8" else {}),
             "peak": {"kind": peak_of(c, peaks)[0], "value": peak_of(c, peaks)[1], "share": gflops / peak_of(c, peaks)[1]},
-            **({"engine_choice": c.info["engine_choice"]} if "engine_choice" in c.info else {}),
+            **({"engine_choice": c.info["engine_choice"], "length_multiple": c.info["length_multiple"]} if "engine_choice" in c.info else {}),
             **({"agreement": vars(agreements[c.name])} if c.name in agreements else {}),
             "counted": c.name not in agreements or agreements[c.name].passed,
             **({"peer": dict(c.info)} if c.name in args.peers else {}),

@@ -36,7 +36,7 @@ class Metrics:
         self.connections_closed = Counter("instructor_connections_closed", "Connections the server closed: reason head_timeout "
                                           "(--head-timeout) or max_connections (--max-connections)", ["reason"], registry=r)
         self.cancelled_items = Counter("instructor_cancelled_items", "Queued items dropped because their client disconnected", registry=r)
-        self.padded_tokens = Counter("instructor_padded_tokens", "Positions the engine computed (per batch: rows x longest row)", registry=r)
+        self.padded_tokens = Counter("instructor_padded_tokens", "Positions the engine computed (per batch: rows x its padded width)", registry=r)
         self.batch_size = Histogram("instructor_batch_size", "Rows per engine batch", buckets=ROWS, registry=r)
         self.inference = Histogram("instructor_inference_seconds", "Engine time per batch (one encode_tokenized call)", buckets=SECONDS, registry=r)
         self.queue_time = Histogram("instructor_queue_seconds", "Time from a request's enqueue to its first batch", buckets=SECONDS, registry=r)
