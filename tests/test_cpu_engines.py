@@ -84,8 +84,8 @@ def test_the_exporters_race_on_this_cpu_decides_without_measuring(auto_manifest,
     assert choice.skipped == {"openvino-int8": "not kept at export: parity gate: min cosine 0.95 < 0.99"}
     # a precision narrows the race: the fastest engine of that precision
     assert cpu_engines.choose(auto_manifest, "int8", "cpu", 0, measure=_never).name == "onnxruntime-int8"
-    int8 = cpu_engines.choose(auto_manifest, "onnxruntime-fp32", "cpu", 0, measure=_never)
-    assert int8.name == "onnxruntime-fp32" and int8.length_multiple == 1 and "length_multiple" not in int8.as_dict()
+    fp32 = cpu_engines.choose(auto_manifest, "onnxruntime-fp32", "cpu", 0, measure=_never)
+    assert fp32.name == "onnxruntime-fp32" and fp32.length_multiple == 1 and "length_multiple" not in fp32.as_dict()
     del auto_manifest.data[cpu_engines.FIELD]["measured"][0]["length_multiple"]  # a bundle raced before multiples were
     assert cpu_engines.choose(auto_manifest, "auto", "cpu", 0, measure=_never).length_multiple == 1
 
